@@ -1,0 +1,122 @@
+"""Build a tiny random-weight Stable Diffusion model in diffusers format.
+
+No weights can be downloaded here, so demos and tests train a model with SD's
+component types and block layout at a fraction of the width: a cross-attention
+UNet, an 8x-downsampling AutoencoderKL, a CLIP text encoder and the real CLIP
+BPE tokenizer (derived offline, see ``sdtune/clip_bpe``). It writes in seconds
+and loads with ``StableDiffusionPipeline.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+CLIP_BPE_DIR = Path(__file__).parent / "clip_bpe"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer (SD 1.x), built from the files shipped in the package."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in TOKENIZER_FILES:
+            shutil.copy(CLIP_BPE_DIR / name, Path(tmp) / name)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    # Four blocks, as in SD, so latents are 1/8 of the image side.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def tiny_text_encoder(hidden_size: int = 32) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden_size,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_scheduler(prediction_type: str) -> DDIMScheduler:
+    # SD's training betas; DDIM for inference as SD 2.x ships it.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def make_tiny(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write a tiny SD pipeline to ``out_dir`` (atomically: nothing half-written is left)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder")
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(),
+        tokenizer=clip_tokenizer(),
+        unet=tiny_unet(),
+        scheduler=tiny_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        # transformers >= 5 writes only tokenizer.json; kohya and transformers 4
+        # read vocab.json + merges.txt, so write the portable pair too.
+        for name in TOKENIZER_FILES:
+            shutil.copy(CLIP_BPE_DIR / name, tmp / "tokenizer" / name)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is not
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny models are built once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sdtune.tiny import make_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "datasets" / "sample"
+
+
+@pytest.fixture(scope="session")
+def tiny_v(tmp_path_factory) -> Path:
+    """Tiny SD model whose scheduler says v-prediction."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-v", "v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_eps(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-eps", "epsilon")
+
+
+@pytest.fixture
+def small_dataset(tmp_path) -> Path:
+    """The first 8 sample images with their captions, in a folder the test may change."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for image in sorted(p for p in SAMPLE.iterdir() if p.suffix != ".txt")[:8]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
+    return folder

@@ -1,0 +1,71 @@
+"""The real CLIP tokenizer made offline, and the tiny model builder (`sdtune make-tiny`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from sdtune.tiny import CLIP_BPE_DIR, clip_tokenizer
+
+CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's ids for "a photo of a cat"
+
+
+def test_clip_tokenizer_encodes_like_clip():
+    tokenizer = clip_tokenizer()
+    assert tokenizer("a photo of a cat").input_ids == CAT_IDS
+    assert len(tokenizer) == 49408
+    assert tokenizer.model_max_length == 77
+    padded = tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[7:] == [49407] * 70
+
+
+def test_shipped_vocab_matches_the_bpe_file_layout():
+    vocab = json.loads((CLIP_BPE_DIR / "vocab.json").read_text(encoding="utf-8"))
+    merges = (CLIP_BPE_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert len(vocab) == 49408 and sorted(vocab.values()) == list(range(49408))
+    assert merges[0] == "#version: 0.2" and len(merges) == 1 + 48894
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    # Each merge adds the token at 512 + its index.
+    a, b = merges[1].split()
+    assert vocab[a + b] == 512
+
+
+def test_make_tiny_cli_writes_a_loadable_pipeline(tmp_path):
+    out = tmp_path / "tiny"
+    run = subprocess.run(
+        [sys.executable, "-m", "sdtune.cli", "make-tiny", str(out), "--prediction", "v"],
+        capture_output=True, text=True, check=True,
+    )
+    assert str(out) in run.stdout
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae_scale_factor == 8
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+    # The portable tokenizer files alone (what kohya / transformers 4 read) give the same ids.
+    portable = tmp_path / "portable"
+    portable.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(out / "tokenizer" / name, portable / name)
+    assert CLIPTokenizer.from_pretrained(portable)("a photo of a cat").input_ids == CAT_IDS
+
+    again = subprocess.run([sys.executable, "-m", "sdtune.cli", "make-tiny", str(out)], capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_tiny_models_are_deterministic(tmp_path, prediction):
+    from sdtune.tiny import make_tiny
+
+    a, b = make_tiny(tmp_path / "a", prediction), make_tiny(tmp_path / "b", prediction)
+    name = "unet/diffusion_pytorch_model.safetensors"
+    assert (a / name).read_bytes() == (b / name).read_bytes()
