@@ -1,0 +1,287 @@
+"""Recipes: one YAML file says everything about a run, validated before any work.
+
+A recipe has the sections ``model``, ``data``, ``lora``, ``train``, ``output`` and
+``export``. Every field is typed, documented and has one default; a recipe file
+overrides only what differs. Unknown keys are errors that name the key and the
+closest valid one. Command-line overrides use dotted keys
+(``--set train.learning_rate=5e-5``); their values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The six CLIP text-encoder layer kinds both UIs can address (shared/DESIGN.md, rule 3).
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+PREDICTION_ALIASES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    path: str = Field(
+        "models/tiny-demo",
+        description="Base model: a diffusers folder (model_index.json inside). "
+        "`sdtune make-tiny DIR` builds a tiny random one for trying things out.",
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon",
+        description="What the UNet predicts: `epsilon` (SD 1.x, SD 2.x-base) or "
+        "`v_prediction` (SD 2.x 768-v). `eps` and `v` are accepted as short forms.",
+    )
+    zero_terminal_snr: bool = Field(
+        False,
+        description="Rescale the noise schedule so the last timestep is pure noise "
+        "(Lin et al. 2023). Needs v_prediction.",
+    )
+
+    @field_validator("prediction_type", mode="before")
+    @classmethod
+    def _alias(cls, value: Any) -> Any:
+        return PREDICTION_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _ztsnr_needs_v(self) -> ModelSection:
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError(
+                "model.zero_terminal_snr needs model.prediction_type: v_prediction; an "
+                "epsilon model cannot recover the image at SNR 0 (and min-SNR weights "
+                "divide by zero there)"
+            )
+        return self
+
+
+class DataSection(_Section):
+    path: str = Field("datasets/sample", description="Folder of images, each with a same-stem .txt caption.")
+    resolution: int = Field(
+        512,
+        description="Training side in pixels: images are resized on the shorter side "
+        "and center-cropped to a square. A multiple of 8 (the VAE's downsampling).",
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Probability of training a sample with the empty caption (for CFG)."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where VAE latents and text-encoder outputs are cached, shared by "
+        "all runs. Default: $SDTUNE_CACHE or ~/.cache/sdtune.",
+    )
+    num_workers: int = Field(2, ge=0, description="Data-loader worker processes reading the cache.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value < 64 or value % 8:
+            raise ValueError(f"data.resolution must be a multiple of 8 and at least 64, got {value}")
+        return value
+
+
+class LoraSection(_Section):
+    rank: int = Field(16, ge=1, description="LoRA rank (kohya: network_dim).")
+    alpha: float = Field(
+        16.0, gt=0, description="LoRA alpha; updates are scaled by alpha/rank (kohya: network_alpha)."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="UNet module names (suffixes) that get a LoRA: the attention projections by default.",
+    )
+    text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder (disables the text cache).")
+    text_encoder_target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
+        min_length=1,
+        description=f"Text-encoder layers that get a LoRA; any of {', '.join(TEXT_ENCODER_TARGETS)}.",
+    )
+
+    @field_validator("text_encoder_target_modules")
+    @classmethod
+    def _addressable(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if name not in TEXT_ENCODER_TARGETS]
+        if bad:
+            raise ValueError(
+                f"lora.text_encoder_target_modules {bad} cannot be loaded by the UIs; "
+                f"use only {list(TEXT_ENCODER_TARGETS)}"
+            )
+        return value
+
+
+class TrainSection(_Section):
+    method: Literal["lora", "full"] = Field("lora", description="`lora` trains adapters; `full` trains every UNet weight.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate for the UNet parameters.")
+    text_encoder_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate for text-encoder LoRA; null means train.learning_rate."
+    )
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule (diffusers get_scheduler).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (schedules that have one).")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="`adamw` (torch) or `adamw8bit` (bitsandbytes, `pip install sdtune[bnb]`)."
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 turns clipping off.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Autocast precision; trainable weights stay fp32, frozen ones are stored in it."
+    )
+    seed: int = Field(42, description="Seed for weights init, data order, noise and timesteps.")
+    min_snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's choice. null: off."
+    )
+    noise_offset: float = Field(0.0, ge=0, description="Std of a per-channel constant added to the noise; 0: off.")
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa", description="`sdpa` (PyTorch scaled_dot_product_attention) or `xformers` (GPU only, optional extra)."
+    )
+    log_every: int = Field(10, ge=1, description="Steps between loss logs (the only host syncs in the loop).")
+    logger: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Where metrics go.")
+
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false.
+        return "no" if value is False else value
+
+
+class OutputSection(_Section):
+    dir: str = Field("outputs", description="Folder the results are written to.")
+    name: str = Field("sdtune-lora", description="File stem of the results (`<dir>/<name>.safetensors`).")
+    overwrite: bool = Field(False, description="Allow replacing results of an earlier run with the same dir and name.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError(f"output.name must be a plain file stem, got {value!r}")
+        return value
+
+
+class ExportSection(_Section):
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Precision of the tensors written to disk.")
+
+
+class Recipe(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Recipe:
+        if self.lora.text_encoder and self.train.method != "lora":
+            raise ValueError("lora.text_encoder trains a text-encoder LoRA, which needs train.method: lora")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override to a raw (unvalidated) recipe dict."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set expects key=value (e.g. train.learning_rate=5e-5), got {assignment!r}")
+    dotted, text = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} does not exist")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return recipe_from_dict(raw, source=str(path) if path else "defaults")
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        raise RecipeError(f"{source} is not a valid recipe:\n  " + "\n  ".join(problems)) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(part) for part in err["loc"]]
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"; valid keys here: {', '.join(valid)}"
+        return f"unknown key '{dotted}'{hint}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{dotted}: {message}" if dotted else message
+
+
+def _valid_keys(section_path: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in section_path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def reference_markdown() -> str:
+    """The field reference of docs/recipes.md, made from the models themselves so it cannot drift."""
+    lines: list[str] = []
+    for section, holder in Recipe.model_fields.items():
+        lines += [f"### `{section}`", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in holder.annotation.model_fields.items():
+            default = json.dumps(field.get_default(call_default_factory=True))
+            kind = _type_name(field.annotation).replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | {kind} | `{default}` | {field.description} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    args = getattr(annotation, "__args__", ())
+    if getattr(annotation, "__origin__", None) is Literal:
+        return " | ".join(f"`{a}`" for a in args)
+    if args:  # unions and lists
+        inner = [_type_name(a) for a in args]
+        return f"list[{inner[0]}]" if getattr(annotation, "__origin__", None) is list else " | ".join(inner)
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
