@@ -1,0 +1,1 @@
+"""Files for the tools people generate with: kohya LoRA files, diffusers folders."""

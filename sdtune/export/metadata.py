@@ -1,0 +1,70 @@
+"""Safetensors metadata (all strings) that the UIs and LoRA browsers read (shared/DESIGN.md, rule 4)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import sdtune
+
+# modelspec (Stability AI's model metadata spec), as kohya writes it for SD 1.x/2.x.
+_ARCHITECTURE = {
+    ("sd_v1", "epsilon"): "stable-diffusion-v1",
+    ("sd_v1", "v_prediction"): "stable-diffusion-v1",
+    ("sd_v2", "epsilon"): "stable-diffusion-v2-512",
+    ("sd_v2", "v_prediction"): "stable-diffusion-v2-768-v",
+}
+_MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
+def lora_metadata(
+    *,
+    base_model_version: str,
+    prediction_type: str,
+    zero_terminal_snr: bool,
+    rank: int,
+    alpha: float,
+    resolution: int,
+    steps: int,
+    learning_rate: float,
+    num_images: int,
+    seed: int,
+    base_model_name: str,
+    base_model_sha256: str,
+    title: str,
+    recipe_json: str,
+    trained_text_encoder: bool,
+) -> dict[str, str]:
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return {
+        # kohya training keys (A1111 reads ss_v2 / ss_base_model_version to decide SD1 vs SD2).
+        "ss_v2": str(base_model_version == "sd_v2"),
+        "ss_base_model_version": base_model_version,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_network_args": "{}",
+        "ss_network_train_unet_only": str(not trained_text_encoder),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(steps),
+        "ss_learning_rate": str(learning_rate),
+        "ss_num_train_images": str(num_images),
+        "ss_seed": str(seed),
+        "ss_sd_model_name": base_model_name,
+        "ss_new_sd_model_hash": base_model_sha256,
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(zero_terminal_snr),
+        "ss_training_finished_at": str(int(now.timestamp())),
+        # modelspec
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{_ARCHITECTURE[(base_model_version, prediction_type)]}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": _MODELSPEC_PREDICTION[prediction_type],
+        "modelspec.date": now.isoformat(),
+        # ours
+        "sdtune.version": sdtune.__version__,
+        "sdtune.zero_terminal_snr": str(zero_terminal_snr),
+        "sdtune.recipe": recipe_json,
+    }

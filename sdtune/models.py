@@ -1,0 +1,116 @@
+"""Load the components of a base model: tokenizer, text encoder, VAE, UNet, schedule."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdtune.diffusion import make_noise_scheduler
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass
+class Components:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    name: str
+    sha256: str  # of the UNet and text-encoder weight files: what a LoRA is trained against
+    vae_sha256: str
+    text_encoder_sha256: str
+    base_model_version: str  # "sd_v1" | "sd_v2"
+
+
+def load_components(
+    path: str | Path, prediction_type: str, zero_terminal_snr: bool, unet_dtype: torch.dtype = torch.float32
+) -> Components:
+    """Load a diffusers-format SD 1.x/2.x model folder, with the training schedule set up.
+
+    The VAE and text encoder load in fp32: they fill the caches, whose entries
+    must not depend on the training precision.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.path {path} does not exist; point it at a diffusers model folder, or build "
+            f"the tiny demo model with `sdtune make-tiny {path}`"
+        )
+    if path.is_file():
+        raise ValueError(
+            f"model.path {path} is a single file; sdtune reads diffusers folders so far "
+            "(convert with diffusers' `StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)`)"
+        )
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"model.path {path} has no model_index.json; it is not a diffusers model folder")
+
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=unet_dtype)
+    base_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+    noise_scheduler = make_noise_scheduler(base_config, prediction_type, zero_terminal_snr)
+    return Components(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        noise_scheduler=noise_scheduler,
+        name=path.resolve().name,
+        sha256=weights_sha256(path / "unet", path / "text_encoder"),
+        vae_sha256=weights_sha256(path / "vae"),
+        text_encoder_sha256=weights_sha256(path / "text_encoder", path / "tokenizer"),
+        base_model_version=base_model_version(text_encoder),
+    )
+
+
+def base_model_version(text_encoder: CLIPTextModel) -> str:
+    """SD 2.x uses OpenCLIP ViT-H (width 1024); SD 1.x uses CLIP ViT-L (width 768)."""
+    return "sd_v2" if text_encoder.config.hidden_size == 1024 else "sd_v1"
+
+
+def weights_sha256(*folders: Path) -> str:
+    """SHA-256 over the weight (and tokenizer) files of component folders, names included.
+
+    It identifies a component for the caches and the output metadata: the same
+    bytes give the same digest wherever the model lives on disk.
+    """
+    digest = hashlib.sha256()
+    for folder in folders:
+        for file in sorted(p for p in folder.iterdir() if p.is_file()):
+            if file.suffix not in WEIGHT_SUFFIXES + (".json", ".txt"):
+                continue
+            digest.update(f"{folder.name}/{file.name}\0".encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def encode_prompts(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """The UNet's conditioning: the text encoder's last hidden state, as SD's pipelines use it.
+
+    (SD 2.x's diffusers text encoder already stops at OpenCLIP's penultimate layer.)
+    """
+    return text_encoder(input_ids, return_dict=False)[0]
+
+
+def set_attention(unet: UNet2DConditionModel, kind: str, device: torch.device) -> None:
+    """Use PyTorch SDPA, or xformers when asked for (CUDA only, optional extra)."""
+    if kind == "sdpa":
+        unet.set_attn_processor(AttnProcessor2_0())
+        return
+    if importlib.util.find_spec("xformers") is None:
+        raise RuntimeError("train.attention: xformers is not installed; `pip install sdtune[xformers]` or use sdpa")
+    if device.type != "cuda":
+        raise RuntimeError("train.attention: xformers runs only on CUDA GPUs; use sdpa on this machine")
+    unet.enable_xformers_memory_efficient_attention()

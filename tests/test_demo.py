@@ -1,0 +1,31 @@
+"""The README's first command, `bash launch.sh`, end to end (setup is already done by `launch.sh test`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from sdtune.export.kohya import read_lora
+from sdtune.recipe import load_recipe
+
+from conftest import ROOT
+
+
+def test_launch_sh_runs_the_demo(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(
+        ["bash", "launch.sh", "--set", f"output.dir={tmp_path / 'out'}", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.logger=tensorboard"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out" / "tiny-demo.safetensors"
+    assert f"wrote {out}" in run.stdout  # it ends by saying where the outputs are
+    assert "training: 100%" in run.stderr and "loss=" in run.stderr and "step/s" in run.stderr  # progress bar
+    tensors, metadata = read_lora(out)
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_steps"] == "600"
+    assert any(k.endswith(".alpha") for k in tensors)
+    assert load_recipe(tmp_path / "out" / "tiny-demo.recipe.yaml") == load_recipe(
+        ROOT / "recipes/tiny_demo.yaml",
+        [f"output.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}", "train.logger=tensorboard"],
+    )
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))

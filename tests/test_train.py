@@ -1,0 +1,183 @@
+"""Training end to end on the tiny model: loss falls, the cache is reused, the LoRA file reproduces the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from safetensors import safe_open
+from transformers import CLIPTextModel
+
+from sdtune.adapters import add_lora, trainable_parameters
+from sdtune.export.kohya import merge_lora, read_lora
+from sdtune.models import load_components
+from sdtune.recipe import load_recipe
+from sdtune.train import main, train
+
+
+def _args(model, data, tmp_path, *extra):
+    return [
+        "--recipe", "recipes/tiny_demo.yaml",
+        "--set", f"model.path={model}",
+        "--set", f"data.path={data}",
+        "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        "--set", f"output.dir={tmp_path / 'out'}",
+        "--set", "train.logger=none",
+        *[item for pair in (("--set", e) for e in extra) for item in pair],
+    ]
+
+
+def _unet_output(unet, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    cond = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 700]), cond).sample
+
+
+def test_loss_falls_on_a_fixed_batch(tiny_v):
+    """40 AdamW steps of a rank-8 LoRA on one fixed batch (fixed noise and
+    timesteps): the v-prediction loss must fall by at least 30%."""
+    torch.manual_seed(0)
+    parts = load_components(tiny_v, "v_prediction", zero_terminal_snr=True)
+    unet = parts.unet
+    add_lora(unet, rank=8, alpha=8, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=gen)
+    noise = torch.randn(4, 4, 8, 8, generator=gen)
+    cond = torch.randn(4, 77, 32, generator=gen)
+    timesteps = torch.tensor([100, 400, 700, 950])
+
+    from sdtune.diffusion import denoising_loss
+
+    losses = []
+    for _ in range(40):
+        loss = denoising_loss(unet, parts.noise_scheduler, latents, cond, noise, timesteps, min_snr_gamma=5.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_lora_run_writes_a_kohya_file_that_reproduces_the_model(tiny_v, small_dataset, tmp_path):
+    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=12", "export.dtype=fp32", "lora.alpha=4"))
+    assert len(result.losses) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.output == tmp_path / "out" / "tiny-demo.safetensors"
+    tensors, metadata = read_lora(result.output)
+
+    # Keys: kohya names only, three per adapted layer, alpha = the trained alpha (not the rank).
+    layers = {k.split(".", 1)[0] for k in tensors}
+    assert len(layers) == 56 and all(name.startswith("lora_unet_") for name in layers)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0" in layers
+    assert len(tensors) == 3 * len(layers)
+    assert all(tensors[f"{n}.alpha"].item() == 4.0 and tensors[f"{n}.lora_down.weight"].shape[0] == 8 for n in layers)
+
+    # Metadata: what the UIs read, and how the file was made.
+    assert metadata["ss_v2"] == "False" and metadata["ss_base_model_version"] == "sd_v1"
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("8", "4.0")
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["sdtune.zero_terminal_snr"] == "True"
+    assert metadata["ss_steps"] == "12" and len(metadata["ss_new_sd_model_hash"]) == 64
+    assert json.loads(metadata["sdtune.recipe"])["lora"]["alpha"] == 4.0
+    assert load_recipe(tmp_path / "out" / "tiny-demo.recipe.yaml").lora.alpha == 4.0
+
+    # A fresh base UNet plus the file, merged by the UIs' rule, gives the trained UNet's output.
+    trained = _unet_output(result.unet)
+    base = UNet2DConditionModel.from_pretrained(tiny_v, subfolder="unet")
+    untouched = _unet_output(base)
+    merge_lora(tensors, base)
+    merged = _unet_output(base)
+    assert (trained - untouched).abs().max() > 1e-3  # the LoRA did something
+    torch.testing.assert_close(merged, trained, rtol=0, atol=1e-5)
+
+
+def test_exported_lora_loads_in_diffusers_kohya_loader(tiny_v, small_dataset, tmp_path):
+    """An independent reader: diffusers' own kohya-format converter finds every key."""
+    from diffusers import StableDiffusionPipeline
+
+    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=6"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_v, safety_checker=None)
+    base = _unet_output(pipe.unet)
+    pipe.load_lora_weights(str(result.output), adapter_name="sdtune")
+    loaded = _unet_output(pipe.unet)
+    trained = _unet_output(result.unet)
+    assert (trained - base).abs().max() > 1e-4
+    # fp16 export (the default): agreement to half precision.
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=2e-3)
+
+
+def test_text_encoder_lora_exports_ui_names(tiny_v, small_dataset, tmp_path):
+    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=4", "lora.text_encoder=true", "export.dtype=fp32"))
+    assert result.text_cache is None  # the text encoder trains, so nothing is cached for it
+    tensors, metadata = read_lora(result.output)
+    te = sorted({k.split(".", 1)[0] for k in tensors if k.startswith("lora_te_")})
+    # transformers >= 5 drops `text_model.` from module paths; the UIs need it.
+    assert te == [
+        f"lora_te_text_model_encoder_layers_{i}_self_attn_{p}" for i in range(2) for p in ("k_proj", "out_proj", "q_proj", "v_proj")
+    ]
+    assert metadata["ss_network_train_unet_only"] == "False"
+    text_encoder = CLIPTextModel.from_pretrained(tiny_v, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(tiny_v, subfolder="unet")
+    merge_lora(tensors, unet, text_encoder)
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
+    with torch.no_grad():
+        torch.testing.assert_close(text_encoder(ids)[0], result.text_encoder(ids)[0], rtol=0, atol=1e-5)
+
+
+def test_second_run_encodes_nothing_and_a_changed_image_only_itself(tiny_v, small_dataset, tmp_path):
+    first = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2"))
+    assert (first.latent_cache.encoded, first.latent_cache.reused) == (8, 0)
+    assert first.text_cache.encoded == 9  # 8 captions + the empty one for caption dropout
+
+    again = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=second", "lora.rank=4"))
+    assert (again.latent_cache.encoded, again.latent_cache.reused) == (0, 8)
+    assert (again.text_cache.encoded, again.text_cache.reused) == (0, 9)
+
+    image = sorted(small_dataset.glob("*.png"))[0]
+    with Image.open(image) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    changed = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=third"))
+    assert (changed.latent_cache.encoded, changed.latent_cache.reused) == (1, 7)
+    other_resolution = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=fourth", "data.resolution=72"))
+    assert other_resolution.latent_cache.encoded == 8
+
+
+def test_existing_outputs_are_not_overwritten(tiny_v, small_dataset, tmp_path):
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1"))
+    with pytest.raises(FileExistsError, match="output.overwrite=true"):
+        main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", "output.overwrite=false"))
+
+
+def test_full_finetune_writes_a_diffusers_folder(tiny_eps, small_dataset, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    recipe = load_recipe(
+        "recipes/full_finetune.yaml",
+        [
+            f"model.path={tiny_eps}", f"data.path={small_dataset}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"output.dir={tmp_path / 'out'}", "data.resolution=64", "train.max_steps=3", "train.batch_size=4",
+            "train.mixed_precision=no", "train.optimizer=adamw", "train.learning_rate=1e-4", "train.logger=none",
+            "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "data.num_workers=0",
+        ],
+    )
+    result = train(recipe)
+    with safe_open(str(result.output / "unet/diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # export.dtype
+    pipe = StableDiffusionPipeline.from_pretrained(result.output, safety_checker=None, dtype=torch.float16)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    base = UNet2DConditionModel.from_pretrained(tiny_eps, subfolder="unet")
+    changed = [
+        name for name, p in pipe.unet.named_parameters() if not torch.equal(p.float(), base.state_dict()[name].half().float())
+    ]
+    assert len(changed) > 0.9 * len(list(base.parameters()))
+
+
+def test_adamw8bit_runs_on_cpu(tiny_v, small_dataset, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "train.optimizer=adamw8bit"))
+    with safe_open(str(result.output), framework="pt") as handle:
+        assert any(k.endswith("lora_up.weight") and handle.get_tensor(k).abs().max() > 0 for k in handle.keys())
