@@ -33,3 +33,13 @@ def small_dataset(tmp_path) -> Path:
         shutil.copy(image, folder / image.name)
         shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
     return folder
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process; tests train many times in one
+    process with different precisions, so start each test without it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield

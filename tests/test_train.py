@@ -181,3 +181,55 @@ def test_adamw8bit_runs_on_cpu(tiny_v, small_dataset, tmp_path):
     result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "train.optimizer=adamw8bit"))
     with safe_open(str(result.output), framework="pt") as handle:
         assert any(k.endswith("lora_up.weight") and handle.get_tensor(k).abs().max() > 0 for k in handle.keys())
+
+
+def test_same_seed_same_lora_and_accumulation_counts_optimizer_steps(tiny_v, small_dataset, tmp_path):
+    a = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "output.name=a", "train.batch_size=2", "train.gradient_accumulation_steps=2"))
+    b = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "output.name=b", "train.batch_size=2", "train.gradient_accumulation_steps=2"))
+    assert len(a.losses) == 6  # 3 optimizer steps x 2 micro-batches
+    (ta, ma), (tb, _) = read_lora(a.output), read_lora(b.output)
+    assert ma["ss_steps"] == "3"
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    c = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "output.name=c", "train.seed=7", "train.batch_size=2", "train.gradient_accumulation_steps=2"))
+    tc, _ = read_lora(c.output)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def test_bf16_keeps_trainable_weights_fp32(tiny_v, small_dataset, tmp_path):
+    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "train.mixed_precision=bf16"))
+    dtypes = {(("lora_" in name), p.dtype) for name, p in result.unet.named_parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_images_without_captions_are_listed_before_any_work(tiny_v, small_dataset, tmp_path):
+    for caption in sorted(small_dataset.glob("*.txt"))[:2]:
+        caption.unlink()
+    with pytest.raises(ValueError, match=r"2 image\(s\) in .* have no caption file") as info:
+        main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1"))
+    assert "000.png" in str(info.value) and "001.png" in str(info.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_xformers_request_fails_clearly_on_cpu(tiny_v, small_dataset, tmp_path):
+    with pytest.raises(RuntimeError, match="xformers"):
+        main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", "train.attention=xformers"))
+
+
+def test_sdtune_train_cli(tiny_v, small_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "sdtune.cli", "train", *_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2")],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "tiny-demo.safetensors").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "sdtune.cli", "train", "--recipe", "recipes/tiny_demo.yaml", "--set", "train.lerning_rate=1"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 1
+    assert "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?" in bad.stderr
+    assert "Traceback" not in bad.stderr
