@@ -42,7 +42,7 @@ train() {  # train RECIPE [ARGS...]
 case "${1:-demo}" in
     test)
         shift
-        setup dev,bnb
+        setup dev,bnb,lion,prodigy
         exec "$PY" -m pytest "$@"
         ;;
     train)

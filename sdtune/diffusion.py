@@ -8,6 +8,8 @@ formula (``DDPMScheduler.get_velocity``, ``rescale_betas_zero_snr``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
@@ -60,35 +62,109 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     ``torch.where`` returns instead of ``0 / 0``.
     """
     snr_values = snr_values.float()
-    clipped = torch.clamp(snr_values, max=gamma)
     if prediction_type == "epsilon":
         return torch.where(snr_values < gamma, torch.ones_like(snr_values), gamma / snr_values)
     if prediction_type == "v_prediction":
-        return clipped / (snr_values + 1.0)
+        return torch.clamp(snr_values, max=gamma) / (snr_values + 1.0)
     raise ValueError(f"unsupported prediction type {prediction_type!r}")
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, device, generator=None) -> torch.Tensor:
-    """Uniform integer timesteps in ``[0, T)``."""
-    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, generator=generator)
+def sample_timesteps(
+    batch_size: int,
+    device,
+    low: int,
+    high: int,
+    method: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    generator=None,
+) -> torch.Tensor:
+    """Integer timesteps in ``[low, high)``.
+
+    ``uniform``: every timestep equally likely (DDPM). ``logit_normal``: ``u =
+    sigmoid(N(mean, std))`` mapped onto the range, which concentrates training
+    on the middle timesteps (Esser et al. 2024, "Scaling Rectified Flow
+    Transformers", section 3.1; mean > 0 shifts towards noisier steps).
+    """
+    if method == "uniform":
+        return torch.randint(low, high, (batch_size,), device=device, generator=generator)
+    if method == "logit_normal":
+        normal = torch.randn(batch_size, device=device, generator=generator) * logit_std + logit_mean
+        steps = low + torch.sigmoid(normal) * (high - low)
+        return steps.long().clamp(low, high - 1)
+    raise ValueError(f"unknown timestep sampling {method!r}; use uniform or logit_normal")
 
 
-def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, generator=None) -> torch.Tensor:
+def sample_noise(
+    latents: torch.Tensor, noise_offset: float = 0.0, random_strength: bool = False, generator=None
+) -> torch.Tensor:
     """Gaussian noise like ``latents``; with ``noise_offset`` a per-sample, per-channel
     constant of that std is added, which lets the model shift mean brightness
-    (Guttenberg 2023, "Diffusion with Offset Noise")."""
+    (Guttenberg 2023, "Diffusion with Offset Noise"). ``random_strength`` scales
+    the offset per sample by U(0, 1), as kohya's option does."""
     noise = torch.randn(latents.shape, device=latents.device, dtype=torch.float32, generator=generator)
     if noise_offset:
         b, c = latents.shape[:2]
-        noise = noise + noise_offset * torch.randn((b, c, 1, 1), device=latents.device, generator=generator)
+        strength = torch.full((b, 1, 1, 1), noise_offset, device=latents.device)
+        if random_strength:
+            strength = strength * torch.rand((b, 1, 1, 1), device=latents.device, generator=generator)
+        noise = noise + strength * torch.randn((b, c, 1, 1), device=latents.device, generator=generator)
     return noise
 
 
+def perturb_noise(noise: torch.Tensor, strength: float, generator=None) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias
+    in Diffusion Models", eq. 9): the noise that makes ``x_t`` gets an extra
+    ``strength * N(0, 1)``; the training target keeps the unperturbed noise."""
+    if not strength:
+        return noise
+    return noise + strength * torch.randn(noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
+
+
+def debiased_weights(snr_values: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Debiased estimation loss weights (Yu et al. 2024, "Debias the Training of
+    Diffusion Models", eq. 11): ``1 / sqrt(snr)`` on the epsilon loss.
+
+    A v-prediction loss is ``(snr + 1) / snr`` times the epsilon loss of the same
+    prediction (``v - v' = (eps - eps') / sqrt(abar)``), so the same weighting of a
+    v loss is ``sqrt(snr) / (snr + 1)``, which is finite (0) at SNR 0.
+    """
+    snr_values = snr_values.float()
+    if prediction_type == "epsilon":
+        return torch.rsqrt(snr_values)
+    if prediction_type == "v_prediction":
+        return torch.sqrt(snr_values) / (snr_values + 1.0)
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
+def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "mse", huber_c: float = 0.1) -> torch.Tensor:
+    """Per-element loss in fp32.
+
+    ``huber`` is the pseudo-Huber loss ``2c(sqrt(d^2 + c^2) - c)`` (Song & Dhariwal
+    2023, section 3.3): ``d^2`` for small errors, ``2c|d|`` for large ones, so a
+    few outlier pixels cannot dominate. ``smooth_l1`` is the same divided by c.
+    """
+    diff = prediction.float() - target.float()
+    if loss_type == "mse":
+        return diff.pow(2)
+    pseudo_huber = 2.0 * (torch.sqrt(diff.pow(2) + huber_c**2) - huber_c)
+    if loss_type == "huber":
+        return huber_c * pseudo_huber
+    if loss_type == "smooth_l1":
+        return pseudo_huber
+    raise ValueError(f"unknown loss type {loss_type!r}; use mse, huber or smooth_l1")
+
+
 def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    loss_type: str = "mse",
+    huber_c: float = 0.1,
 ) -> torch.Tensor:
-    """Mean squared error per sample, optionally weighted per sample, averaged over the batch (fp32)."""
-    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+    """Mean loss per sample, optionally weighted per sample, averaged over the batch (fp32)."""
+    per_element = elementwise_loss(prediction, target, loss_type, huber_c)
+    per_sample = per_element.mean(dim=tuple(range(1, prediction.ndim)))
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
@@ -100,6 +176,25 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
     return (mean + std * eps) * scaling_factor
 
 
+@dataclass(frozen=True)
+class Objective:
+    """How a batch's prediction error becomes the loss."""
+
+    min_snr_gamma: float | None = None
+    debiased_estimation: bool = False
+    loss_type: str = "mse"
+    huber_c: float = 0.1
+
+
+def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, objective: Objective) -> torch.Tensor | None:
+    kind = scheduler.config.prediction_type
+    if objective.min_snr_gamma is not None:
+        return min_snr_weights(snr(scheduler, timesteps), objective.min_snr_gamma, kind)
+    if objective.debiased_estimation:
+        return debiased_weights(snr(scheduler, timesteps), kind)
+    return None
+
+
 def denoising_loss(
     unet,
     scheduler: DDPMScheduler,
@@ -107,14 +202,14 @@ def denoising_loss(
     conditioning: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
-    min_snr_gamma: float | None = None,
+    objective: Objective = Objective(),
+    input_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The training objective for one batch: noise the latents to ``x_t``, predict,
-    compare with the target (epsilon or v), weighted per sample by min-SNR if asked."""
-    noisy = scheduler.add_noise(latents.float(), noise, timesteps)
+    """The training objective for one batch: noise the latents to ``x_t`` (with
+    ``input_noise`` when perturbed), predict, compare with the target made from
+    the clean ``noise`` (epsilon or v), weighted per sample if asked."""
+    noisy = scheduler.add_noise(latents.float(), noise if input_noise is None else input_noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, conditioning, return_dict=False)[0]
-    weights = None
-    if min_snr_gamma is not None:
-        weights = min_snr_weights(snr(scheduler, timesteps), min_snr_gamma, scheduler.config.prediction_type)
-    return diffusion_loss(prediction, target, weights)
+    weights = loss_weights(scheduler, timesteps, objective)
+    return diffusion_loss(prediction, target, weights, objective.loss_type, objective.huber_c)

@@ -128,11 +128,15 @@ class TrainSection(_Section):
         None, gt=0, description="Learning rate for text-encoder LoRA; null means train.learning_rate."
     )
     lr_scheduler: Literal[
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = Field("constant", description="Learning-rate schedule (diffusers get_scheduler).")
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (schedules that have one).")
-    optimizer: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="`adamw` (torch) or `adamw8bit` (bitsandbytes, `pip install sdtune[bnb]`)."
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "one_cycle"
+    ] = Field("constant", description="Learning-rate schedule (diffusers get_scheduler; one_cycle: torch OneCycleLR).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (schedules that have one; one_cycle's rise).")
+    lr_num_cycles: int = Field(1, ge=1, description="Hard restarts of cosine_with_restarts.")
+    lr_power: float = Field(1.0, gt=0, description="Power of the polynomial decay.")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy"] = Field(
+        "adamw",
+        description="`adamw` (torch, fused on CUDA), `adamw8bit` (`pip install sdtune[bnb]`), `adafactor` "
+        "(transformers, fixed lr), `lion` (`sdtune[lion]`), `prodigy` (`sdtune[prodigy]`; set learning_rate 1.0).",
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
@@ -146,20 +150,69 @@ class TrainSection(_Section):
     min_snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's choice. null: off."
     )
+    debiased_estimation: bool = Field(
+        False, description="Weight the loss by 1/sqrt(SNR) in epsilon terms (Yu et al. 2024); instead of min-SNR."
+    )
+    loss_type: Literal["mse", "huber", "smooth_l1"] = Field(
+        "mse", description="`mse`, or pseudo-Huber `huber` / `smooth_l1` that damp outlier errors."
+    )
+    huber_c: float = Field(0.1, gt=0, description="Scale of the Huber losses: errors below it count quadratically.")
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        "uniform", description="How training timesteps are drawn: `uniform`, or `logit_normal` (favours the middle)."
+    )
+    logit_mean: float = Field(0.0, description="Mean of the logit-normal timestep distribution (> 0: noisier steps).")
+    logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal timestep distribution.")
+    min_timestep: int = Field(0, ge=0, description="Lowest training timestep (inclusive).")
+    max_timestep: int | None = Field(None, ge=1, description="Highest training timestep (exclusive); null: the schedule's length.")
     noise_offset: float = Field(0.0, ge=0, description="Std of a per-channel constant added to the noise; 0: off.")
+    noise_offset_random_strength: bool = Field(False, description="Scale the noise offset per sample by U(0, 1).")
+    input_perturbation: float = Field(
+        0.0, ge=0, description="Extra noise on the model input only (Ning et al. 2023); 0.1 is the paper's value; 0: off."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
     attention: Literal["sdpa", "xformers"] = Field(
         "sdpa", description="`sdpa` (PyTorch scaled_dot_product_attention) or `xformers` (GPU only, optional extra)."
     )
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A non-finite loss stops the run with nothing written (`stop`, checked at log steps) or its "
+        "batch is skipped (`skip`, checked every step, which costs a host sync per step).",
+    )
     log_every: int = Field(10, ge=1, description="Steps between loss logs (the only host syncs in the loop).")
     logger: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Where metrics go.")
 
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSection:
+        if self.min_snr_gamma is not None and self.debiased_estimation:
+            raise ValueError(
+                "train.min_snr_gamma and train.debiased_estimation are two loss weightings; choose one"
+            )
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(
+                f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep})"
+            )
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(
+                "train.optimizer: prodigy finds the step size itself and expects train.learning_rate "
+                f"around 1.0, got {self.learning_rate}"
+            )
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `no` as false.
         return "no" if value is False else value
+
+
+class EmaSection(_Section):
+    enabled: bool = Field(False, description="Keep an exponential moving average of the trained weights and export it.")
+    decay: float = Field(0.9999, gt=0, lt=1, description="Largest EMA decay (diffusers EMAModel).")
+    warmup: bool = Field(
+        False, description="Ramp the decay up as 1 - (1 + step)^(-2/3) (else (1 + step)/(10 + step)), capped at decay."
+    )
+    update_every: int = Field(1, ge=1, description="Optimizer steps between EMA updates.")
 
 
 class OutputSection(_Section):
@@ -184,6 +237,7 @@ class Recipe(_Section):
     data: DataSection = Field(default_factory=DataSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    ema: EmaSection = Field(default_factory=EmaSection)
     output: OutputSection = Field(default_factory=OutputSection)
     export: ExportSection = Field(default_factory=ExportSection)
 

@@ -28,8 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMScheduler
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -40,13 +39,23 @@ from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.data.cache import CachedDataset, CacheStats, cache_latents, cache_text, default_cache_dir
 from sdtune.data.captions import drop_captions, tokenize
 from sdtune.data.sources import scan_folder
-from sdtune.diffusion import denoising_loss, sample_latents, sample_noise, sample_timesteps
+from sdtune.diffusion import (
+    Objective,
+    denoising_loss,
+    perturb_noise,
+    sample_latents,
+    sample_noise,
+    sample_timesteps,
+)
 from sdtune.export.kohya import kohya_state_dict
 from sdtune.export.metadata import lora_metadata
 from sdtune.models import encode_prompts, load_components, set_attention
+from sdtune.optim import make_lr_scheduler, make_optimizer
 from sdtune.recipe import Recipe, load_recipe
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_demo.yaml"
+MAX_SKIPPED_BATCHES = 20
+NAN_ADVICE = "Likely causes: train.learning_rate too high, or fp16 overflow (try bf16)"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -140,12 +149,14 @@ def train(recipe: Recipe) -> TrainResult:
     if train_te:
         groups.append({"params": trainable_parameters(text_encoder), "lr": opt.text_encoder_learning_rate or opt.learning_rate})
     optimizer = make_optimizer(groups, opt.optimizer, (opt.adam_beta1, opt.adam_beta2), opt.adam_weight_decay, opt.adam_epsilon)
-    lr_scheduler = get_scheduler(
-        opt.lr_scheduler,
+    # The prepared scheduler steps once per process per optimizer step.
+    lr_scheduler = make_lr_scheduler(
         optimizer,
-        # The prepared scheduler steps once per process per optimizer step.
-        num_warmup_steps=opt.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=opt.max_steps * accelerator.num_processes,
+        opt.lr_scheduler,
+        opt.lr_warmup_steps * accelerator.num_processes,
+        opt.max_steps * accelerator.num_processes,
+        opt.lr_num_cycles,
+        opt.lr_power,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -162,13 +173,21 @@ def train(recipe: Recipe) -> TrainResult:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler, scaling = parts.noise_scheduler, parts.vae.config.scaling_factor
     empty_conditioning = empty_conditioning.to(device)
+    objective = Objective(opt.min_snr_gamma, opt.debiased_estimation, opt.loss_type, opt.huber_c)
+    t_low, t_high = opt.min_timestep, opt.max_timestep or scheduler.config.num_train_timesteps
+    if t_high > scheduler.config.num_train_timesteps:
+        raise ValueError(f"train.max_timestep {t_high} is past the schedule's {scheduler.config.num_train_timesteps} steps")
+    ema = None
+    if recipe.ema.enabled:
+        ema = EMAModel(params, decay=recipe.ema.decay, use_ema_warmup=recipe.ema.warmup, inv_gamma=1.0, power=2 / 3)
     if accelerator.is_main_process:
         accelerator.init_trackers(out.name, config=_flat(recipe.model_dump(mode="json")))
 
     # The loop. Per step only the UNet (and TE) forward/backward and the
-    # optimizer cost time; the host syncs only at log intervals.
+    # optimizer cost time; the host syncs only at log intervals (and every step
+    # with train.on_nan: skip, which must look at each loss).
     losses: list[torch.Tensor] = []
-    step, started = 0, time.perf_counter()
+    step, skipped, started = 0, 0, time.perf_counter()
     bar = tqdm(total=opt.max_steps, desc="training", unit="step", disable=not is_main)
     batches = _forever(loader)
     for module in trained:
@@ -182,9 +201,16 @@ def train(recipe: Recipe) -> TrainResult:
             else:
                 conditioning = drop_captions(batch["encoder_hidden_states"], empty_conditioning, data.caption_dropout)
             latents = sample_latents(batch["mean"], batch["std"], scaling)
-            noise = sample_noise(latents, opt.noise_offset)
-            timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, device)
-            loss = denoising_loss(unet, scheduler, latents, conditioning, noise, timesteps, opt.min_snr_gamma)
+            noise = sample_noise(latents, opt.noise_offset, opt.noise_offset_random_strength)
+            timesteps = sample_timesteps(latents.shape[0], device, t_low, t_high, opt.timestep_sampling, opt.logit_mean, opt.logit_std)
+            input_noise = perturb_noise(noise, opt.input_perturbation) if opt.input_perturbation else None
+            loss = denoising_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise)
+            if opt.on_nan == "skip" and not torch.isfinite(loss).item():
+                skipped += 1
+                if skipped > MAX_SKIPPED_BATCHES:
+                    raise FloatingPointError(f"{skipped} batches had a non-finite loss by step {step}; {NAN_ADVICE}")
+                optimizer.zero_grad(set_to_none=True)
+                continue
             accelerator.backward(loss)
             if accelerator.sync_gradients and opt.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, opt.max_grad_norm)
@@ -196,13 +222,12 @@ def train(recipe: Recipe) -> TrainResult:
             continue
         step += 1
         bar.update(1)
+        if ema is not None and step % recipe.ema.update_every == 0:
+            ema.step(params)
         if step % opt.log_every == 0 or step == opt.max_steps:
             recent = torch.stack(losses[-opt.log_every * opt.gradient_accumulation_steps :]).mean().item()
             if not math.isfinite(recent):
-                raise FloatingPointError(
-                    f"loss is {recent} at step {step}; nothing was written. Likely causes: "
-                    "train.learning_rate too high, or fp16 overflow (try bf16)"
-                )
+                raise FloatingPointError(f"loss is {recent} at step {step}; nothing was written. {NAN_ADVICE}")
             lr = lr_scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"train/loss": recent, "train/lr": lr}, step=step)
@@ -210,6 +235,10 @@ def train(recipe: Recipe) -> TrainResult:
     accelerator.wait_for_everyone()
 
     # Results.
+    if ema is not None:
+        ema.copy_to(params)  # the exported model is the average
+    if skipped and is_main:
+        print(f"sdtune: skipped {skipped} batches with a non-finite loss")
     if accelerator.is_main_process:
         export_dtype = DTYPES[recipe.export.dtype]
         if opt.method == "lora":
@@ -250,16 +279,6 @@ def train(recipe: Recipe) -> TrainResult:
         unet=accelerator.unwrap_model(unet),
         text_encoder=accelerator.unwrap_model(trained[1]) if train_te else text_encoder,
     )
-
-
-def make_optimizer(groups: list[dict], kind: str, betas: tuple[float, float], weight_decay: float, eps: float):
-    if kind == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise RuntimeError("train.optimizer: adamw8bit needs bitsandbytes; `pip install sdtune[bnb]`") from None
-        return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay, eps=eps)
-    return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
 def save_diffusers_folder(base: str, unet, scheduler_config: dict, out: Path, dtype: torch.dtype) -> Path:

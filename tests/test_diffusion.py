@@ -10,6 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdtune.diffusion import (
+    Objective,
     denoising_loss,
     diffusion_loss,
     make_noise_scheduler,
@@ -142,8 +143,8 @@ def test_targets_are_fp32_for_half_precision_inputs():
 
 def test_noise_offset_shifts_channel_means():
     latents = torch.zeros(64, 4, 16, 16)
-    plain = sample_noise(latents, 0.0, torch.Generator().manual_seed(0))
-    offset = sample_noise(latents, 0.5, torch.Generator().manual_seed(0))
+    plain = sample_noise(latents, 0.0, generator=torch.Generator().manual_seed(0))
+    offset = sample_noise(latents, 0.5, generator=torch.Generator().manual_seed(0))
     # Per-(sample, channel) means: ~N(0, 1/256) without, ~N(0, 0.25 + 1/256) with the offset.
     assert plain.mean(dim=(2, 3)).std().item() < 0.1
     assert 0.35 < offset.mean(dim=(2, 3)).std().item() < 0.65
@@ -164,7 +165,7 @@ def test_weighted_loss_and_denoising_loss():
         seen["noisy"] = noisy
         return (torch.zeros_like(noisy),)
 
-    loss = denoising_loss(unet, scheduler, latents, None, noise, t, min_snr_gamma=5.0)
+    loss = denoising_loss(unet, scheduler, latents, None, noise, t, Objective(min_snr_gamma=5.0))
     # At t=999 with zero terminal SNR, x_t is pure noise and the v target is -x0.
     torch.testing.assert_close(seen["noisy"][1], noise[1])
     target = training_target(scheduler, latents, noise, t)
@@ -172,3 +173,74 @@ def test_weighted_loss_and_denoising_loss():
     weights = min_snr_weights(snr(scheduler, t), 5.0, "v_prediction")
     expected = (target.pow(2).mean(dim=(1, 2, 3)) * weights).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_logit_normal_timesteps_have_the_stated_distribution():
+    from sdtune.diffusion import sample_timesteps
+
+    gen = torch.Generator().manual_seed(0)
+    t = sample_timesteps(40000, "cpu", 0, 1000, "logit_normal", logit_mean=0.5, logit_std=0.8, generator=gen)
+    u = (t.double() + 0.5) / 1000
+    logits = torch.log(u / (1 - u))
+    assert logits.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert logits.std().item() == pytest.approx(0.8, abs=0.02)
+    uniform = sample_timesteps(40000, "cpu", 200, 700, "uniform", generator=gen)
+    assert uniform.min().item() == 200 and uniform.max().item() == 699
+    ranged = sample_timesteps(40000, "cpu", 200, 700, "logit_normal", generator=gen)
+    assert 200 <= ranged.min().item() and ranged.max().item() <= 699
+    assert abs(ranged.double().mean().item() - 449.5) < 5
+
+
+def test_noise_offset_random_strength_spreads_the_offset():
+    latents = torch.zeros(4000, 4, 8, 8)
+    fixed = sample_noise(latents, 0.5, generator=torch.Generator().manual_seed(0)).mean(dim=(2, 3))
+    scaled = sample_noise(latents, 0.5, True, generator=torch.Generator().manual_seed(0)).mean(dim=(2, 3))
+    # Offset std 0.5 fixed; with U(0,1) strength its variance is 0.25 * E[u^2] = 0.25 / 3.
+    assert fixed.var().item() == pytest.approx(0.25 + 1 / 64, rel=0.1)
+    assert scaled.var().item() == pytest.approx(0.25 / 3 + 1 / 64, rel=0.1)
+
+
+def test_input_perturbation_changes_the_input_not_the_target():
+    from sdtune.diffusion import perturb_noise
+
+    scheduler = make_noise_scheduler(SD_CONFIG, "epsilon", False)
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([300, 600])
+    perturbed = perturb_noise(noise, 0.1, torch.Generator().manual_seed(0))
+    assert 0.05 < (perturbed - noise).std().item() < 0.15
+    seen = {}
+
+    def unet(noisy, timesteps, conditioning, return_dict):
+        seen["noisy"] = noisy
+        return (noise.clone(),)  # predicts the clean noise exactly
+
+    loss = denoising_loss(unet, scheduler, latents, None, noise, t, input_noise=perturbed)
+    torch.testing.assert_close(seen["noisy"], scheduler.add_noise(latents, perturbed, t))
+    assert loss.item() == 0.0  # the target is the unperturbed noise
+
+
+def test_debiased_weights():
+    from sdtune.diffusion import debiased_weights
+
+    scheduler = make_noise_scheduler(SD_CONFIG, "v_prediction", False)
+    s = snr(scheduler, torch.arange(1000)).double()
+    eps = debiased_weights(s, "epsilon").double()
+    v = debiased_weights(s, "v_prediction").double()
+    ref = 1.0 / np.sqrt(_reference_abar(False) / (1 - _reference_abar(False)))
+    np.testing.assert_allclose(eps.numpy(), ref, rtol=1e-4)
+    # Same weighting in epsilon terms: a v loss is (snr + 1) / snr times the epsilon loss.
+    torch.testing.assert_close(v * (s + 1) / s, eps, rtol=1e-5, atol=0)
+    zero = debiased_weights(torch.tensor([0.0]), "v_prediction")
+    assert zero.item() == 0.0
+
+
+def test_huber_losses_are_quadratic_near_zero_and_linear_far():
+    from sdtune.diffusion import elementwise_loss
+
+    small, large, zero = torch.tensor([1e-3]), torch.tensor([100.0]), torch.tensor([0.0])
+    c = 0.1
+    assert elementwise_loss(small, zero, "huber", c).item() == pytest.approx(1e-6, rel=1e-3)
+    assert elementwise_loss(large, zero, "huber", c).item() == pytest.approx(2 * c * 100 - 2 * c * c, rel=1e-4)
+    assert elementwise_loss(large, zero, "mse").item() == pytest.approx(1e4)
+    torch.testing.assert_close(
+        elementwise_loss(large, zero, "smooth_l1", c), elementwise_loss(large, zero, "huber", c) / c
+    )

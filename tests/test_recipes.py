@@ -96,3 +96,14 @@ def test_docs_field_reference_is_current():
     from sdtune.recipe import reference_markdown
 
     assert reference_markdown() in (ROOT / "docs/recipes.md").read_text(encoding="utf-8"), "run: python -m sdtune.recipe"
+
+
+def test_option_combinations_that_make_no_sense_are_rejected():
+    with pytest.raises(RecipeError, match="two loss weightings; choose one"):
+        recipe_from_dict({"train": {"min_snr_gamma": 5.0, "debiased_estimation": True}})
+    with pytest.raises(RecipeError, match="min_timestep .* must be below train.max_timestep"):
+        recipe_from_dict({"train": {"min_timestep": 500, "max_timestep": 400}})
+    with pytest.raises(RecipeError, match="prodigy .* around 1.0"):
+        recipe_from_dict({"train": {"optimizer": "prodigy", "learning_rate": 1e-4}})
+    with pytest.raises(RecipeError, match="train.loss_type"):
+        recipe_from_dict({"train": {"loss_type": "l3"}})

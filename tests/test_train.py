@@ -52,11 +52,11 @@ def test_loss_falls_on_a_fixed_batch(tiny_v):
     cond = torch.randn(4, 77, 32, generator=gen)
     timesteps = torch.tensor([100, 400, 700, 950])
 
-    from sdtune.diffusion import denoising_loss
+    from sdtune.diffusion import Objective, denoising_loss
 
     losses = []
     for _ in range(40):
-        loss = denoising_loss(unet, parts.noise_scheduler, latents, cond, noise, timesteps, min_snr_gamma=5.0)
+        loss = denoising_loss(unet, parts.noise_scheduler, latents, cond, noise, timesteps, Objective(min_snr_gamma=5.0))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -233,3 +233,48 @@ def test_sdtune_train_cli(tiny_v, small_dataset, tmp_path):
     assert bad.returncode == 1
     assert "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_ema_export_follows_the_decay_formula(tiny_v, small_dataset, tmp_path):
+    """Raw weights after steps 1..3 come from three seeded runs (same trajectory);
+    the EMA run must export diffusers EMAModel's average of them:
+    decay_k = min(decay, (1 + s)/(10 + s)), s = k - 1, so 0, 2/11, 3/12."""
+    raw = []
+    for steps in (1, 2, 3):
+        result = main(_args(tiny_v, small_dataset, tmp_path, f"train.max_steps={steps}", f"output.name=raw{steps}", "export.dtype=fp32", "train.batch_size=2"))
+        raw.append(read_lora(result.output)[0])
+    ema_run = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "output.name=ema", "export.dtype=fp32", "train.batch_size=2", "ema.enabled=true", "ema.decay=0.9"))
+    ema, _ = read_lora(ema_run.output)
+    key = next(k for k in ema if k.endswith("lora_up.weight"))
+    expected = raw[0][key]
+    for decay, weights in ((2 / 11, raw[1]), (3 / 12, raw[2])):
+        expected = decay * expected + (1 - decay) * weights[key]
+    torch.testing.assert_close(ema[key], expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(ema[key], raw[2][key])
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_never_writes_weights(tiny_v, small_dataset, tmp_path, policy):
+    with pytest.raises(FloatingPointError, match="non-finite|nothing was written") as info:
+        main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=30", "train.learning_rate=1e30", "train.max_grad_norm=0", f"train.on_nan={policy}", "lora.alpha=8", "train.lr_warmup_steps=0"))
+    assert "learning_rate" in str(info.value)
+    assert not (tmp_path / "out" / "tiny-demo.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["train.timestep_sampling=logit_normal", "train.logit_mean=0.3", "train.min_timestep=100", "train.max_timestep=900"],
+        ["train.loss_type=huber", "train.huber_c=0.05", "train.min_snr_gamma=null", "train.debiased_estimation=true"],
+        ["train.input_perturbation=0.1", "train.noise_offset=0.05", "train.noise_offset_random_strength=true"],
+        ["train.optimizer=adafactor", "train.lr_scheduler=one_cycle", "train.lr_warmup_steps=1", "train.max_steps=4"],
+        ["train.optimizer=prodigy", "train.learning_rate=1.0", "train.lr_scheduler=cosine_with_restarts", "train.lr_num_cycles=2"],
+    ],
+    ids=["timesteps", "loss", "noise", "adafactor", "prodigy"],
+)
+def test_training_options_run(tiny_v, small_dataset, tmp_path, options):
+    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", *options))
+    steps = 4 if "train.max_steps=4" in options else 3
+    assert len(result.losses) == steps and all(torch.isfinite(torch.tensor(result.losses)))
+    tensors, _ = read_lora(result.output)
+    assert any(k.endswith("lora_up.weight") and tensors[k].abs().max() > 0 for k in tensors)
