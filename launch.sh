@@ -43,6 +43,9 @@ case "${1:-demo}" in
     test)
         shift
         setup dev,bnb,lion,prodigy
+        # One torch thread: the test models are tiny, where threads cost more than
+        # they give, and a second busy process on 2 cores makes threaded torch crawl.
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
         exec "$PY" -m pytest "$@"
         ;;
     train)

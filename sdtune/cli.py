@@ -37,13 +37,14 @@ def _run(action) -> int:
     """Expected failures (bad recipe, missing files) print one clear message, not a
     traceback; SDTUNE_DEBUG=1 shows the traceback too."""
     try:
-        action()
+        result = action()
     except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as exc:
         if os.environ.get("SDTUNE_DEBUG"):
             raise
         print(f"sdtune: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    stopped_by = getattr(result, "stopped_by", None)
+    return 128 + stopped_by if stopped_by else 0  # the shell's code for "ended by this signal"
 
 
 if __name__ == "__main__":

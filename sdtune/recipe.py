@@ -178,6 +178,9 @@ class TrainSection(_Section):
         description="A non-finite loss stops the run with nothing written (`stop`, checked at log steps) or its "
         "batch is skipped (`skip`, checked every step, which costs a host sync per step).",
     )
+    deterministic: bool = Field(
+        False, description="Use only deterministic kernels (torch.use_deterministic_algorithms), for bit-exact repeats."
+    )
     log_every: int = Field(10, ge=1, description="Steps between loss logs (the only host syncs in the loop).")
     logger: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Where metrics go.")
 
@@ -215,6 +218,13 @@ class EmaSection(_Section):
     update_every: int = Field(1, ge=1, description="Optimizer steps between EMA updates.")
 
 
+class CheckpointSection(_Section):
+    every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N optimizer steps; null: off.")
+    every_epochs: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N passes over the data; null: off.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept under <output.dir>/checkpoints (older ones are deleted).")
+    export: bool = Field(True, description="Also write a usable <output.name>-step<N> result at each checkpoint.")
+
+
 class OutputSection(_Section):
     dir: str = Field("outputs", description="Folder the results are written to.")
     name: str = Field("sdtune-lora", description="File stem of the results (`<dir>/<name>.safetensors`).")
@@ -238,6 +248,7 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     ema: EmaSection = Field(default_factory=EmaSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     output: OutputSection = Field(default_factory=OutputSection)
     export: ExportSection = Field(default_factory=ExportSection)
 

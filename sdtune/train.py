@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -34,8 +35,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
-from sdtune import atomic
+from sdtune import atomic, training_state
 from sdtune.adapters import add_lora, trainable_parameters
+from sdtune.data.batches import ShuffledBatches
 from sdtune.data.cache import CachedDataset, CacheStats, cache_latents, cache_text, default_cache_dir
 from sdtune.data.captions import drop_captions, tokenize
 from sdtune.data.sources import scan_folder
@@ -67,16 +69,24 @@ class TrainResult:
     text_cache: CacheStats | None  # None when the text encoder trains (no text cache)
     unet: torch.nn.Module  # as trained (with its LoRA layers), for callers that go on using it
     text_encoder: torch.nn.Module
+    steps: int  # optimizer steps done when the run ended
+    stopped_by: int | None = None  # the signal that interrupted the run (state saved), else None
 
 
-def train(recipe: Recipe) -> TrainResult:
+def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     model, data, lora, opt, out = recipe.model, recipe.data, recipe.lora, recipe.train, recipe.output
     diffusers_logging.disable_progress_bar()  # per-file "Loading weights" bars hide ours
     transformers_logging.disable_progress_bar()
     out_dir = Path(out.dir)
     result_path = out_dir / (f"{out.name}.safetensors" if opt.method == "lora" else out.name)
-    if result_path.exists() and not out.overwrite:
+    if result_path.exists() and not out.overwrite and resume is None:
         raise FileExistsError(f"{result_path} exists from an earlier run; set output.overwrite=true or another output.name")
+    if resume is None and training_state.list_checkpoints(out_dir) and not out.overwrite:
+        raise FileExistsError(
+            f"{training_state.checkpoint_dir(out_dir)} holds an earlier run's checkpoints; continue it with "
+            "--resume latest, or set output.overwrite=true to start over"
+        )
+    resume_from = training_state.resolve(resume, out_dir) if resume else None
 
     accelerator = Accelerator(
         mixed_precision=opt.mixed_precision,
@@ -86,7 +96,7 @@ def train(recipe: Recipe) -> TrainResult:
     )
     if opt.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
-    set_seed(opt.seed, device_specific=True)
+    set_seed(opt.seed, device_specific=True, deterministic=opt.deterministic)
     is_main = accelerator.is_local_main_process
     device, weight_dtype = accelerator.device, DTYPES[opt.mixed_precision]
     train_te = opt.method == "lora" and lora.text_encoder
@@ -158,17 +168,20 @@ def train(recipe: Recipe) -> TrainResult:
         opt.lr_num_cycles,
         opt.lr_power,
     )
+    # The loader is not handed to accelerate: our sampler shards it and fixes the
+    # order (for exact resume), and accumulation counts only micro-batches.
+    order = ShuffledBatches(
+        len(dataset), opt.batch_size, opt.seed, len(dataset) >= opt.batch_size, accelerator.process_index, accelerator.num_processes
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=opt.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= opt.batch_size,
+        batch_sampler=order,
         num_workers=data.num_workers,
         persistent_workers=data.num_workers > 0,
-        generator=torch.Generator().manual_seed(opt.seed),
+        pin_memory=device.type == "cuda",
     )
     trained = [unet, text_encoder] if train_te else [unet]
-    *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
+    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     unet = trained[0]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler, scaling = parts.noise_scheduler, parts.vae.config.scaling_factor
@@ -180,6 +193,14 @@ def train(recipe: Recipe) -> TrainResult:
     ema = None
     if recipe.ema.enabled:
         ema = EMAModel(params, decay=recipe.ema.decay, use_ema_warmup=recipe.ema.warmup, inv_gamma=1.0, power=2 / 3)
+    models = {"unet": accelerator.unwrap_model(unet)}
+    if train_te:
+        models["text_encoder"] = accelerator.unwrap_model(trained[1])
+    position = training_state.Position(step=0, epoch=0, batch_in_epoch=0, micro_steps=0)
+    if resume_from is not None:
+        position = _resume(resume_from, recipe, models, optimizer, lr_scheduler, ema, accelerator)
+        if is_main:
+            print(f"sdtune: resumed from {resume_from} at step {position.step}")
     if accelerator.is_main_process:
         accelerator.init_trackers(out.name, config=_flat(recipe.model_dump(mode="json")))
 
@@ -187,98 +208,192 @@ def train(recipe: Recipe) -> TrainResult:
     # optimizer cost time; the host syncs only at log intervals (and every step
     # with train.on_nan: skip, which must look at each loss).
     losses: list[torch.Tensor] = []
-    step, skipped, started = 0, 0, time.perf_counter()
-    bar = tqdm(total=opt.max_steps, desc="training", unit="step", disable=not is_main)
-    batches = _forever(loader)
+    step, skipped, started = position.step, 0, time.perf_counter()
+    ckpt = recipe.checkpoint
+    bar = tqdm(total=opt.max_steps, initial=step, desc="training", unit="step", disable=not is_main)
+    batches = _batches(loader, order, position, device)
     for module in trained:
         module.train()
-    while step < opt.max_steps:
-        batch = next(batches)
-        with accelerator.accumulate(*trained):
-            if train_te:
-                ids = drop_captions(batch["input_ids"], empty_conditioning, data.caption_dropout)
-                conditioning = encode_prompts(trained[1], ids)
-            else:
-                conditioning = drop_captions(batch["encoder_hidden_states"], empty_conditioning, data.caption_dropout)
-            latents = sample_latents(batch["mean"], batch["std"], scaling)
-            noise = sample_noise(latents, opt.noise_offset, opt.noise_offset_random_strength)
-            timesteps = sample_timesteps(latents.shape[0], device, t_low, t_high, opt.timestep_sampling, opt.logit_mean, opt.logit_std)
-            input_noise = perturb_noise(noise, opt.input_perturbation) if opt.input_perturbation else None
-            loss = denoising_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise)
-            if opt.on_nan == "skip" and not torch.isfinite(loss).item():
-                skipped += 1
-                if skipped > MAX_SKIPPED_BATCHES:
-                    raise FloatingPointError(f"{skipped} batches had a non-finite loss by step {step}; {NAN_ADVICE}")
+    stop = training_state.StopOnSignal()
+    with stop:
+        while step < opt.max_steps:
+            epoch, batch_in_epoch, batch = next(batches)
+            with accelerator.accumulate(*trained):
+                if train_te:
+                    ids = drop_captions(batch["input_ids"], empty_conditioning, data.caption_dropout)
+                    conditioning = encode_prompts(trained[1], ids)
+                else:
+                    conditioning = drop_captions(batch["encoder_hidden_states"], empty_conditioning, data.caption_dropout)
+                latents = sample_latents(batch["mean"], batch["std"], scaling)
+                noise = sample_noise(latents, opt.noise_offset, opt.noise_offset_random_strength)
+                timesteps = sample_timesteps(latents.shape[0], device, t_low, t_high, opt.timestep_sampling, opt.logit_mean, opt.logit_std)
+                input_noise = perturb_noise(noise, opt.input_perturbation) if opt.input_perturbation else None
+                loss = denoising_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise)
+                if opt.on_nan == "skip" and not torch.isfinite(loss).item():
+                    skipped += 1
+                    if skipped > MAX_SKIPPED_BATCHES:
+                        raise FloatingPointError(f"{skipped} batches had a non-finite loss by step {step}; {NAN_ADVICE}")
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and opt.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            if not accelerator.sync_gradients:
                 continue
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and opt.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, opt.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        bar.update(1)
-        if ema is not None and step % recipe.ema.update_every == 0:
-            ema.step(params)
-        if step % opt.log_every == 0 or step == opt.max_steps:
-            recent = torch.stack(losses[-opt.log_every * opt.gradient_accumulation_steps :]).mean().item()
-            if not math.isfinite(recent):
-                raise FloatingPointError(f"loss is {recent} at step {step}; nothing was written. {NAN_ADVICE}")
-            lr = lr_scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"train/loss": recent, "train/lr": lr}, step=step)
+            step += 1
+            bar.update(1)
+            if ema is not None and step % recipe.ema.update_every == 0:
+                ema.step(params)
+            if step % opt.log_every == 0 or step == opt.max_steps:
+                recent = torch.stack(losses[-opt.log_every * opt.gradient_accumulation_steps :]).mean().item()
+                if not math.isfinite(recent):
+                    raise FloatingPointError(f"loss is {recent} at step {step}; nothing was written. {NAN_ADVICE}")
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}")
+                accelerator.log({"train/loss": recent, "train/lr": lr}, step=step)
+            epoch_done = batch_in_epoch == len(loader)
+            due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
+                ckpt.every_epochs and epoch_done and (epoch + 1) % ckpt.every_epochs == 0
+            )
+            if (due and step < opt.max_steps) or stop.signal is not None:
+                here = training_state.Position(step, epoch, batch_in_epoch, accelerator.step)
+                saved = _save_checkpoint(out_dir, here, models, optimizer, lr_scheduler, ema, accelerator, recipe, params)
+                if ckpt.export and accelerator.is_main_process:
+                    _export(out_dir / f"{out.name}-step{step:06d}{result_path.suffix}", models, ema, params, parts, recipe, step, len(samples))
+                if stop.signal is not None:
+                    bar.close()
+                    if is_main:
+                        print(f"sdtune: stopped by signal {stop.signal} after step {step}; state saved to {saved}")
+                        print("sdtune: resume with the same command plus --resume latest:")
+                        print("  " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv, "--resume", "latest"]))
+                    accelerator.end_training()
+                    return TrainResult(result_path, _floats(losses), latent_stats, text_stats, models["unet"], models.get("text_encoder", text_encoder), step, stop.signal)
     bar.close()
     accelerator.wait_for_everyone()
 
     # Results.
-    if ema is not None:
-        ema.copy_to(params)  # the exported model is the average
     if skipped and is_main:
         print(f"sdtune: skipped {skipped} batches with a non-finite loss")
     if accelerator.is_main_process:
-        export_dtype = DTYPES[recipe.export.dtype]
-        if opt.method == "lora":
-            tensors = kohya_state_dict(
-                accelerator.unwrap_model(unet), accelerator.unwrap_model(trained[1]) if train_te else None, export_dtype
-            )
-            metadata = lora_metadata(
-                base_model_version=parts.base_model_version,
-                prediction_type=model.prediction_type,
-                zero_terminal_snr=model.zero_terminal_snr,
-                rank=lora.rank,
-                alpha=lora.alpha,
-                resolution=data.resolution,
-                steps=step,
-                learning_rate=opt.learning_rate,
-                num_images=len(samples),
-                seed=opt.seed,
-                base_model_name=parts.name,
-                base_model_sha256=parts.sha256,
-                title=out.name,
-                recipe_json=recipe.to_json(),
-                trained_text_encoder=bool(train_te),
-            )
-            atomic.save_safetensors(tensors, result_path, metadata)
-        else:
-            save_diffusers_folder(model.path, accelerator.unwrap_model(unet), parts.noise_scheduler.config, result_path, export_dtype)
+        _export(result_path, models, ema, params, parts, recipe, step, len(samples))
         atomic.write_text(out_dir / f"{out.name}.recipe.yaml", recipe.to_yaml())
         elapsed = time.perf_counter() - started
-        print(f"sdtune: trained {step} steps in {elapsed:.1f}s ({step / elapsed:.2f} steps/s)")
+        print(f"sdtune: trained {step - position.step} steps in {elapsed:.1f}s ({(step - position.step) / elapsed:.2f} steps/s)")
         print(f"sdtune: wrote {result_path}")
         print(f"sdtune: recipe {out_dir / (out.name + '.recipe.yaml')}; logs {out_dir / 'logs'}")
     accelerator.end_training()
-    return TrainResult(
-        output=result_path,
-        losses=torch.stack(losses).float().cpu().tolist(),
-        latent_cache=latent_stats,
-        text_cache=text_stats,
-        unet=accelerator.unwrap_model(unet),
-        text_encoder=accelerator.unwrap_model(trained[1]) if train_te else text_encoder,
+    if ema is not None:
+        ema.copy_to(params)  # callers get the model that was exported
+    return TrainResult(result_path, _floats(losses), latent_stats, text_stats, models["unet"], models.get("text_encoder", text_encoder), step)
+
+
+def _export(path: Path, models: dict, ema, params: list, parts, recipe: Recipe, steps: int, num_images: int) -> None:
+    """Write the result (the EMA weights when EMA is on) to ``path``: a kohya LoRA
+    file, or a diffusers folder for a full fine-tune. The training weights are
+    left as they were."""
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        export_dtype = DTYPES[recipe.export.dtype]
+        if recipe.train.method == "lora":
+            tensors = kohya_state_dict(models["unet"], models.get("text_encoder"), export_dtype)
+            metadata = lora_metadata(
+                base_model_version=parts.base_model_version,
+                prediction_type=recipe.model.prediction_type,
+                zero_terminal_snr=recipe.model.zero_terminal_snr,
+                rank=recipe.lora.rank,
+                alpha=recipe.lora.alpha,
+                resolution=recipe.data.resolution,
+                steps=steps,
+                learning_rate=recipe.train.learning_rate,
+                num_images=num_images,
+                seed=recipe.train.seed,
+                base_model_name=parts.name,
+                base_model_sha256=parts.sha256,
+                title=recipe.output.name,
+                recipe_json=recipe.to_json(),
+                trained_text_encoder="text_encoder" in models,
+            )
+            atomic.save_safetensors(tensors, path, metadata)
+        else:
+            save_diffusers_folder(recipe.model.path, models["unet"], parts.noise_scheduler.config, path, export_dtype)
+    finally:
+        if ema is not None:
+            ema.restore(params)
+
+
+def _trainable(models: dict) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{name}": p for prefix, m in models.items() for name, p in m.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(out_dir, position, models, optimizer, lr_scheduler, ema, accelerator, recipe, params) -> Path | None:
+    """All processes call it; the main one writes. Refuses to save non-finite weights."""
+    if not all(torch.isfinite(p).all() for p in params):
+        raise FloatingPointError(f"non-finite weights at step {position.step}; no checkpoint written. {NAN_ADVICE}")
+    states = {
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "rng": training_state.rng_states(),
+    }
+    if ema is not None:
+        states["ema"] = ema.state_dict()
+    if accelerator.scaler is not None:
+        states["scaler"] = accelerator.scaler.state_dict()
+    saved = None
+    if accelerator.is_main_process:
+        saved = training_state.save_checkpoint(
+            out_dir, position, _trainable(models), states, recipe.to_json(), recipe.checkpoint.keep_last
+        )
+    accelerator.wait_for_everyone()
+    return saved
+
+
+def _resume(path: Path, recipe: Recipe, models: dict, optimizer, lr_scheduler, ema, accelerator) -> training_state.Position:
+    position, trainable, states, saved_recipe = training_state.load_checkpoint(path)
+    # Lengthening a run or changing how it is saved is fine; anything else would
+    # silently train a different model than the checkpoint's.
+    changes = training_state.recipe_changes(
+        saved_recipe, recipe.model_dump(mode="json"), ("train.max_steps", "train.log_every", "checkpoint", "output", "data.num_workers")
     )
+    if changes:
+        raise ValueError(f"the recipe differs from the checkpoint's ({path}):\n  " + "\n  ".join(changes))
+    current = _trainable(models)
+    if current.keys() != trainable.keys():
+        raise ValueError(f"checkpoint {path} holds other trainable weights than this recipe creates")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            current[name].copy_(value)
+    optimizer.load_state_dict(states["optimizer"])
+    lr_scheduler.load_state_dict(states["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(states["ema"])
+    if accelerator.scaler is not None and "scaler" in states:
+        accelerator.scaler.load_state_dict(states["scaler"])
+    training_state.restore_rng(states["rng"])
+    accelerator.step = position.micro_steps
+    return position
+
+
+def _batches(loader, order: ShuffledBatches, position: training_state.Position, device: torch.device):
+    """(epoch, batches of it consumed, batch on device) forever, from where ``position`` says."""
+    epoch, consumed = position.epoch, position.batch_in_epoch
+    if consumed >= len(loader):
+        epoch, consumed = epoch + 1, 0
+    while True:
+        order.start(epoch, skip=consumed)
+        for batch in loader:
+            consumed += 1
+            yield epoch, consumed, {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        epoch, consumed = epoch + 1, 0
+
+
+def _floats(losses: list[torch.Tensor]) -> list[float]:
+    return torch.stack(losses).float().cpu().tolist() if losses else []
 
 
 def save_diffusers_folder(base: str, unet, scheduler_config: dict, out: Path, dtype: torch.dtype) -> Path:
@@ -304,11 +419,6 @@ def save_diffusers_folder(base: str, unet, scheduler_config: dict, out: Path, dt
     return out
 
 
-def _forever(loader):
-    while True:
-        yield from loader
-
-
 def _summed(accelerator: Accelerator, stats: CacheStats) -> CacheStats:
     counts = accelerator.reduce(torch.tensor([stats.encoded, stats.reused], device=accelerator.device), reduction="sum")
     return CacheStats(encoded=int(counts[0]), reused=int(counts[1]) // accelerator.num_processes)
@@ -330,12 +440,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sdtune train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(DEMO_RECIPE), help="recipe YAML (default: the tiny demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. train.learning_rate=5e-5")
+    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of this output.dir, or from a checkpoint folder")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
     args = parse_args(argv)
-    return train(load_recipe(args.recipe, args.overrides))
+    return train(load_recipe(args.recipe, args.overrides), resume=args.resume)
 
 
 if __name__ == "__main__":

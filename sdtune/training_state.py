@@ -1,0 +1,147 @@
+"""Training checkpoints that resume exactly.
+
+A checkpoint is a folder ``<output.dir>/checkpoints/step-<N>/`` holding what
+the next step depends on: the trainable weights (safetensors), the optimizer,
+schedule, EMA and grad-scaler states, the RNG states, and where in the data
+order the run was (JSON). Resuming from it continues the same trajectory, bit
+for bit on CPU: a run interrupted at step N and resumed ends with the weights of
+an uninterrupted one. Only trainable weights are stored (a LoRA checkpoint is
+megabytes, not the whole UNet).
+
+The ``.pt`` file holds only tensors and plain containers and is read with
+``torch.load(weights_only=True)``, which refuses anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and the data order's place."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int  # batches of `epoch` already consumed
+    micro_steps: int  # accelerate's accumulation counter, so accumulation boundaries line up
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    out_dir: Path,
+    position: Position,
+    trainable: dict[str, torch.Tensor],
+    states: dict[str, object],
+    recipe_json: str,
+    keep_last: int,
+) -> Path:
+    """Write ``checkpoints/step-<N>`` atomically (a temp folder renamed), then keep only the last ``keep_last``."""
+    root = checkpoint_dir(out_dir)
+    final = root / f"{PREFIX}{position.step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    torch.save(states, tmp / "states.pt")
+    (tmp / "position.json").write_text(json.dumps(asdict(position)), encoding="utf-8")
+    (tmp / "recipe.json").write_text(recipe_json, encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def resolve(resume: str, out_dir: Path) -> Path:
+    """``latest`` or a checkpoint folder -> the folder, or an error that says what exists."""
+    if resume == "latest":
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoints under {checkpoint_dir(out_dir)}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "position.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no position.json)")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict[str, object], dict]:
+    position = Position(**json.loads((path / "position.json").read_text(encoding="utf-8")))
+    trainable = load_file(path / "trainable.safetensors")
+    states = torch.load(path / "states.pt", weights_only=True)
+    recipe = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
+    return position, trainable, states, recipe
+
+
+def rng_states() -> dict[str, object]:
+    states: dict[str, object] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict[str, object]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def recipe_changes(saved: dict, current: dict, allowed: tuple[str, ...]) -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts, except ``allowed`` ones."""
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        before, after = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            dotted = f"{section}.{key}"
+            if before.get(key) != after.get(key) and dotted not in allowed and section not in allowed:
+                changes.append(f"{dotted}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changes
+
+
+class StopOnSignal:
+    """While active, Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the
+    current step (it saves a checkpoint and returns) instead of killing it
+    mid-write. A second signal stops at once, as usual."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            signal.default_int_handler(signum, frame)  # second signal: KeyboardInterrupt now
+        self.signal = signum
+        print(f"\nsdtune: signal {signum} received; stopping after this step (again to stop now)", flush=True)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
