@@ -84,6 +84,8 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str
 
 def split_ldm(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, torch.Tensor]], list[str]]:
     """The SD version and the LDM tensors of each component; names that belong to none are returned too."""
+    if any(k.startswith("lora_") or ".lora_" in k for k in tensors):
+        raise ValueError("this file holds LoRA tensors, not a full model; `sdtune inspect FILE` says what it is")
     parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}, "markers": {}}
     ignored = []
     for key, value in tensors.items():

@@ -9,6 +9,7 @@ transformers module path with ``.`` replaced by ``_``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -29,12 +30,45 @@ def kohya_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
+# A1111 applies an SD 2 text-encoder LoRA to OpenCLIP's fused attention only when
+# all four projections of a layer are present (rule 3); it applies none otherwise.
+SD2_ATTENTION = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")
+TE_LAYER = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(.+)")
+
+
+def partial_sd2_attention(layer_names) -> list[str]:
+    """Text-encoder layers whose q/k/v/out_proj are adapted only in part (A1111 drops them on SD 2)."""
+    kinds: dict[str, set[str]] = {}
+    for name in layer_names:
+        match = TE_LAYER.fullmatch(name)
+        if match and match.group(2) in SD2_ATTENTION:
+            kinds.setdefault(match.group(1), set()).add(match.group(2))
+    return [f"layer {n}: {sorted(k)}" for n, k in sorted(kinds.items(), key=lambda i: int(i[0])) if len(k) != 4]
+
+
+def check_sd2_text_encoder_targets(targets: list[str], base_model_version: str) -> None:
+    """Fail before training when an SD 2 text-encoder LoRA would be ignored by A1111."""
+    attention = {t for t in targets if t in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    if base_model_version == "sd_v2" and attention and len(attention) != 4:
+        raise ValueError(
+            f"lora.text_encoder_target_modules has {sorted(attention)} of the attention projections; on SD 2, "
+            "A1111 applies a text-encoder LoRA only when q_proj, k_proj, v_proj and out_proj are all adapted. "
+            "Add the missing ones (or none of them)"
+        )
+
+
 def kohya_state_dict(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None, dtype: torch.dtype = torch.float16
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    dtype: torch.dtype = torch.float16,
+    base_model_version: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The trained LoRA of ``unet`` (and ``text_encoder``) as kohya keys, weights in ``dtype``.
 
-    Alphas are written in fp32, so any trained alpha survives exactly.
+    Alphas are written in fp32, so any trained alpha survives exactly. Conv
+    layers (LoCon) keep their kernel in ``lora_down`` and a 1x1 ``lora_up``,
+    which is how peft stores them too. For SD 2 (``base_model_version``), a
+    partly adapted text-encoder attention is an error (see ``SD2_ATTENTION``).
     """
     tensors: dict[str, torch.Tensor] = {}
     for prefix, model in ((UNET_PREFIX, unet), (TEXT_ENCODER_PREFIX, text_encoder)):
@@ -45,6 +79,13 @@ def kohya_state_dict(
             tensors[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to(dtype)
             tensors[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to(dtype)
             tensors[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=torch.float32)
+    if base_model_version == "sd_v2":
+        partial = partial_sd2_attention({key.split(".", 1)[0] for key in tensors})
+        if partial:
+            raise ValueError(
+                f"SD 2 text-encoder LoRA adapts only part of q/k/v/out_proj in {partial[:3]}; A1111 would apply "
+                "none of them. Train it with all four projections (lora.text_encoder_target_modules)"
+            )
     return tensors
 
 
