@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ if not __package__:
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import logging as diffusers_logging
@@ -41,7 +39,9 @@ from sdtune.data.cache import CachedDataset, CacheStats, cache_latents, cache_te
 from sdtune.data.captions import drop_captions, tokenize
 from sdtune.data.sources import scan_folder
 from sdtune.diffusion import denoising_loss, sample_latents, sample_noise, sample_timesteps
-from sdtune.export.kohya import kohya_state_dict
+from sdtune.export.checkpoint import save_checkpoint
+from sdtune.export.diffusers_folder import save_diffusers_folder
+from sdtune.export.kohya import check_sd2_text_encoder_targets, kohya_state_dict
 from sdtune.export.metadata import lora_metadata
 from sdtune.models import encode_prompts, load_components, set_attention
 from sdtune.recipe import Recipe, load_recipe
@@ -52,7 +52,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "f
 
 @dataclass
 class TrainResult:
-    output: Path  # the LoRA file, or the diffusers folder of a full fine-tune
+    output: Path  # the LoRA file, or a full fine-tune's single file (its diffusers folder when that is the only format)
     losses: list[float]  # one per micro-batch
     latent_cache: CacheStats
     text_cache: CacheStats | None  # None when the text encoder trains (no text cache)
@@ -65,9 +65,15 @@ def train(recipe: Recipe) -> TrainResult:
     diffusers_logging.disable_progress_bar()  # per-file "Loading weights" bars hide ours
     transformers_logging.disable_progress_bar()
     out_dir = Path(out.dir)
-    result_path = out_dir / (f"{out.name}.safetensors" if opt.method == "lora" else out.name)
-    if result_path.exists() and not out.overwrite:
-        raise FileExistsError(f"{result_path} exists from an earlier run; set output.overwrite=true or another output.name")
+    single_file, folder = out_dir / f"{out.name}.safetensors", out_dir / out.name
+    if opt.method == "lora":
+        results = [single_file]
+    else:
+        results = [path for kind, path in (("single_file", single_file), ("diffusers", folder)) if kind in recipe.export.formats]
+    result_path = results[0]
+    for path in results:
+        if path.exists() and not out.overwrite:
+            raise FileExistsError(f"{path} exists from an earlier run; set output.overwrite=true or another output.name")
 
     accelerator = Accelerator(
         mixed_precision=opt.mixed_precision,
@@ -84,7 +90,9 @@ def train(recipe: Recipe) -> TrainResult:
 
     # Base model and data.
     unet_dtype = weight_dtype if opt.method == "lora" else torch.float32  # full: fp32 master weights
-    parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, unet_dtype)
+    parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, unet_dtype, model.allow_pickle)
+    if train_te:
+        check_sd2_text_encoder_targets(lora.text_encoder_target_modules, parts.base_model_version)
     samples = scan_folder(data.path)
     captions = [s.caption for s in samples]
     if is_main:
@@ -214,7 +222,10 @@ def train(recipe: Recipe) -> TrainResult:
         export_dtype = DTYPES[recipe.export.dtype]
         if opt.method == "lora":
             tensors = kohya_state_dict(
-                accelerator.unwrap_model(unet), accelerator.unwrap_model(trained[1]) if train_te else None, export_dtype
+                accelerator.unwrap_model(unet),
+                accelerator.unwrap_model(trained[1]) if train_te else None,
+                export_dtype,
+                base_model_version=parts.base_model_version,
             )
             metadata = lora_metadata(
                 base_model_version=parts.base_model_version,
@@ -235,11 +246,30 @@ def train(recipe: Recipe) -> TrainResult:
             )
             atomic.save_safetensors(tensors, result_path, metadata)
         else:
-            save_diffusers_folder(model.path, accelerator.unwrap_model(unet), parts.noise_scheduler.config, result_path, export_dtype)
+            trained_unet = accelerator.unwrap_model(unet)
+            if single_file in results:
+                save_checkpoint(
+                    single_file,
+                    trained_unet,
+                    parts.vae,
+                    parts.text_encoder,
+                    version=parts.base_model_version,
+                    prediction_type=model.prediction_type,
+                    zero_terminal_snr=model.zero_terminal_snr,
+                    dtype=export_dtype,
+                    extras=parts.ldm_extras or None,
+                    title=out.name,
+                    extra_metadata={"sdtune.recipe": recipe.to_json(), "sdtune.base_model_sha256": parts.sha256},
+                )
+            if folder in results:
+                save_diffusers_folder(
+                    folder, trained_unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.noise_scheduler.config, export_dtype
+                )
         atomic.write_text(out_dir / f"{out.name}.recipe.yaml", recipe.to_yaml())
         elapsed = time.perf_counter() - started
         print(f"sdtune: trained {step} steps in {elapsed:.1f}s ({step / elapsed:.2f} steps/s)")
-        print(f"sdtune: wrote {result_path}")
+        for path in results:
+            print(f"sdtune: wrote {path}")
         print(f"sdtune: recipe {out_dir / (out.name + '.recipe.yaml')}; logs {out_dir / 'logs'}")
     accelerator.end_training()
     return TrainResult(
@@ -260,29 +290,6 @@ def make_optimizer(groups: list[dict], kind: str, betas: tuple[float, float], we
             raise RuntimeError("train.optimizer: adamw8bit needs bitsandbytes; `pip install sdtune[bnb]`") from None
         return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay, eps=eps)
     return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps)
-
-
-def save_diffusers_folder(base: str, unet, scheduler_config: dict, out: Path, dtype: torch.dtype) -> Path:
-    """A full fine-tune as a diffusers folder: the base components with the trained UNet,
-    and an inference scheduler carrying the training's prediction type and terminal SNR."""
-    from diffusers import StableDiffusionPipeline  # pulls in image processors; only needed here
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        base,
-        dtype=dtype,
-        scheduler=DDIMScheduler.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    # Copy the trained weights into a UNet loaded in the export dtype (load_state_dict casts).
-    pipe.unet.load_state_dict(unet.state_dict())
-    tmp = out.with_name(f".{out.name}.tmp")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def _forever(loader):
