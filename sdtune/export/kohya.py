@@ -133,3 +133,42 @@ def merge_lora(
             delta = torch.einsum("or,rihw->oihw", up.flatten(1), down)
         weight += (multiplier * alpha / rank * delta.reshape(weight.shape)).to(weight.dtype)
     return names
+
+
+# PEFT / diffusers LoRA names: `<component prefix><module path>.lora_A.weight` (down) / `.lora_B.weight` (up).
+PEFT_KEY = re.compile(r"(.+)\.lora_([AB])\.weight")
+PEFT_COMPONENTS = (  # first match wins; a bare module path is a UNet's (peft's get_peft_model_state_dict of a UNet)
+    ("text_encoder.", TEXT_ENCODER_PREFIX),
+    ("unet.", UNET_PREFIX),
+    ("base_model.model.", UNET_PREFIX),
+    ("", UNET_PREFIX),
+)
+
+
+def peft_to_kohya(
+    tensors: dict[str, torch.Tensor], alphas: dict[str, float], dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """A PEFT / diffusers LoRA state dict in kohya names (another trainer's LoRA, or ours saved by peft).
+
+    ``alphas`` maps a component (``unet``, ``text_encoder``) to its ``lora_alpha``;
+    a component without one keeps diffusers' loading behaviour, alpha = rank (scale 1).
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        match = PEFT_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{key} is not a PEFT LoRA weight (<module>.lora_A.weight / .lora_B.weight); is this file already kohya format?")
+        path, part = match.groups()
+        component, prefix = next((c, p) for c, p in PEFT_COMPONENTS if path.startswith(c))
+        module = path.removeprefix(component)
+        name = kohya_name(prefix, module)
+        pairs.setdefault(name, {"component": "text_encoder" if prefix == TEXT_ENCODER_PREFIX else "unet"})[part] = value
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in pairs.items():
+        if "A" not in parts or "B" not in parts:
+            raise ValueError(f"{name}: only one of lora_A/lora_B is present; the file is incomplete")
+        rank = parts["A"].shape[0]
+        out[f"{name}.lora_down.weight"] = parts["A"].to(dtype)
+        out[f"{name}.lora_up.weight"] = parts["B"].to(dtype)
+        out[f"{name}.alpha"] = torch.tensor(float(alphas.get(parts["component"], rank)), dtype=torch.float32)
+    return out
