@@ -94,6 +94,23 @@ def test_shapes_alone_give_the_architecture(reduced, tmp_path):
         torch.testing.assert_close(text_encoder2(ids)[0], text_encoder(ids)[0], rtol=0, atol=1e-5)
 
 
+def test_sd2_file_without_the_unused_openclip_block(tmp_path):
+    """diffusers' converter writes 23 resblocks and no text_projection: all 23 are used, and a
+    file written from it gets the 24th back (identity), as the UIs expect 24."""
+    from sdtune.tiny import reduced_sd
+
+    unet, vae, text_encoder = reduced_sd("sd_v2")
+    tensors = ldm_tensors(unet, vae, text_encoder, "sd_v2", torch.float32)
+    short = {k: v for k, v in tensors.items() if ".resblocks.23." not in k and not k.endswith("text_projection")}
+    save_file(short, tmp_path / "short.safetensors")
+    checkpoint = read_checkpoint(tmp_path / "short.safetensors")
+    assert checkpoint.configs["text_encoder"]["num_hidden_layers"] == 23 and checkpoint.extras == {}
+    text_encoder2 = build_models(checkpoint)[2]
+    _assert_same_tensors(text_encoder2, text_encoder)
+    rewritten = ldm_tensors(unet, vae, text_encoder2, "sd_v2", torch.float32, extras=checkpoint.extras)
+    assert rewritten.keys() == tensors.keys()
+
+
 @pytest.mark.parametrize("version", ["sd_v1", "sd_v2"])
 def test_detection_at_full_size(version):
     """The real SD 1.5 / 2.1 models (built on the meta device: shapes only) are detected as themselves."""

@@ -166,8 +166,10 @@ def configs_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], predic
         intermediate = t[p + "encoder.layers.0.mlp.fc1.weight"][0]
     else:
         p = keys.OPENCLIP_PREFIX + "transformer.resblocks."
-        # The file has one resblock more than SD 2 runs (it conditions on the penultimate).
-        layers = max(int(k.removeprefix(p).split(".")[0]) for k in t if k.startswith(p))
+        blocks = 1 + max(int(k.removeprefix(p).split(".")[0]) for k in t if k.startswith(p))
+        # SD 2 runs 23 of OpenCLIP's 24 resblocks (it conditions on the penultimate). Files
+        # written by diffusers' converter leave the unused 24th out; others carry it.
+        layers = 23 if blocks in (23, 24) else blocks - 1
         vocab, hidden = t[keys.OPENCLIP_PREFIX + "token_embedding.weight"]
         positions = t[keys.OPENCLIP_PREFIX + "positional_embedding"][0]
         intermediate = t[p + "0.mlp.c_fc.weight"][0]
@@ -284,7 +286,8 @@ def ldm_tensors(
     else:
         config = text_encoder.config
         out |= keys.openclip_to_ldm(te_state, config.num_hidden_layers)
-        out |= extras or keys.openclip_extras(config.num_hidden_layers, config.hidden_size, config.intermediate_size, dtype)
+        # Carried tensors win; generated ones fill what the base lacked (a 23-block file).
+        out |= keys.openclip_extras(config.num_hidden_layers, config.hidden_size, config.intermediate_size, dtype) | (extras or {})
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in out.items()}
 
 
