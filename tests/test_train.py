@@ -244,3 +244,16 @@ def test_sdtune_train_cli(tiny_v, small_dataset, tmp_path):
     assert bad.returncode == 1
     assert "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_lora_trains_on_a_single_file_base(tiny_v, small_dataset, tmp_path):
+    """model.path may be a single-file checkpoint; its v_pred/ztsnr markers must agree with the recipe."""
+    from sdtune.export.commands import export_checkpoint
+
+    single = export_checkpoint(tiny_v, tmp_path / "base.safetensors", zero_terminal_snr=True, dtype="fp32")[0]
+    result = main(_args(single, small_dataset, tmp_path, "train.max_steps=2"))
+    tensors, metadata = read_lora(result.output)
+    assert metadata["ss_sd_model_name"] == "base" and len(metadata["ss_new_sd_model_hash"]) == 64
+    assert len({k.split(".", 1)[0] for k in tensors}) == 56
+    with pytest.raises(ValueError, match="set model.zero_terminal_snr: true"):
+        main(_args(single, small_dataset, tmp_path, "train.max_steps=1", "model.zero_terminal_snr=false", "output.name=x"))

@@ -12,6 +12,7 @@ the file has them.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+import sdtune
 from sdtune import atomic
 from sdtune.export import ldm_keys as keys
 from sdtune.export.sidecars import a1111_yaml, comfyui_workflow
@@ -121,9 +123,8 @@ def configs_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], predic
     """diffusers configs for the LDM tensor ``shapes`` (full keys), starting from the shipped SD config."""
     configs = base_config(version)
     u = {k.removeprefix(keys.UNET_PREFIX): s for k, s in shapes.items() if k.startswith(keys.UNET_PREFIX)}
-    index = lambda k: int(k.split(".")[1])  # noqa: E731
     levels = 1 + sum(1 for k in u if k.startswith("input_blocks.") and k.endswith(".op.weight"))
-    last_input = max(index(k) for k in u if k.startswith("input_blocks."))
+    last_input = max(int(k.split(".")[1]) for k in u if k.startswith("input_blocks."))
     per_level = (last_input + 1) // levels  # resnets + the downsampler
     first = [1 + i * per_level for i in range(levels)]
     attention = [f"input_blocks.{n}.1.proj_in.weight" in u for n in first]
@@ -326,10 +327,6 @@ def save_checkpoint(
         tensors["v_pred"] = torch.tensor([])  # as ComfyUI writes it
     if zero_terminal_snr:
         tensors["ztsnr"] = torch.tensor([])
-    import datetime as dt
-
-    import sdtune
-
     resolution = 8 * unet.config.sample_size
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
