@@ -151,6 +151,21 @@ def test_diffusers_from_single_file_reads_our_file(reduced, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(their_vae(image).sample, vae(image).sample, rtol=0, atol=1e-5)
 
+    # Text encoder: diffusers' LDM CLIP / OpenCLIP converters give back our tensors.
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    written = load_file(path)
+    if version == "sd_v1":
+        theirs = convert_ldm_clip_checkpoint(written)
+    else:
+        theirs = convert_open_clip_checkpoint(text_encoder, written)
+    theirs = {k.removeprefix("text_model."): v for k, v in theirs.items()}
+    ours = text_encoder.state_dict()
+    # diffusers keeps OpenCLIP's unused 24th block and the projection; the 23-layer encoder has neither.
+    theirs = {k: v for k, v in theirs.items() if k in ours or ("layers.23." not in k and "text_projection" not in k)}
+    assert theirs.keys() == ours.keys(), set(theirs) ^ set(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+
 
 def test_v_prediction_markers_and_sidecars(tmp_path):
     from sdtune.tiny import reduced_sd
