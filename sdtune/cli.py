@@ -1,4 +1,4 @@
-"""The ``sdtune`` command: ``sdtune make-tiny DIR``, ``sdtune train --recipe R``."""
+"""The ``sdtune`` command: ``make-tiny``, ``train``, ``export`` (LoRA and checkpoint conversions), ``inspect``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,35 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("train", help="train from a recipe (same as sdtune/train.py)", add_help=False)
 
+    export = commands.add_parser("export", help="convert LoRAs and checkpoints into files the UIs load")
+    kinds = export.add_subparsers(dest="kind", required=True)
+    lora = kinds.add_parser("lora", help="PEFT/diffusers LoRA (file, or peft folder) -> kohya LoRA file")
+    lora.add_argument("src")
+    lora.add_argument("out", help="the kohya .safetensors to write")
+    lora.add_argument("--alpha", type=float, help="the lora_alpha it was trained with (default: from adapter_config.json or the file's metadata, else the rank)")
+    lora.add_argument("--base-version", choices=["sd_v1", "sd_v2"], help="SD version it was trained on (default: from its shapes)")
+    merge = kinds.add_parser("merge", help="kohya LoRA merged into a base model -> single-file checkpoint")
+    merge.add_argument("lora")
+    merge.add_argument("out", help="the single-file .safetensors to write")
+    merge.add_argument("--base", required=True, help="base model: diffusers folder or single file")
+    merge.add_argument("--multiplier", type=float, default=1.0, help="LoRA strength, as in the UIs")
+    checkpoint = kinds.add_parser("checkpoint", help="diffusers folder (or single file) -> single-file checkpoint")
+    diffusers = kinds.add_parser("diffusers", help="single-file checkpoint -> diffusers folder")
+    for sub, what in ((checkpoint, "single-file .safetensors"), (diffusers, "diffusers folder")):
+        sub.add_argument("src")
+        sub.add_argument("out", help=f"the {what} to write")
+    for sub in (lora, merge, checkpoint, diffusers):
+        sub.add_argument("--prediction", choices=["eps", "v"], help="prediction type (default: what the source states, else eps)")
+        sub.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    for sub in (merge, checkpoint, diffusers):
+        sub.add_argument("--ztsnr", action=argparse.BooleanOptionalAction, default=None, help="zero terminal SNR (default: what the source states)")
+        sub.add_argument("--allow-pickle", action="store_true", help="read a .ckpt base (torch.load weights_only=True)")
+
+    inspect = commands.add_parser("inspect", help="say what a .safetensors is and what a UI would drop or misread")
+    inspect.add_argument("file")
+    inspect.add_argument("--allow-pickle", action="store_true", help="read a .ckpt (torch.load weights_only=True)")
+
     if argv[:1] == ["train"]:
         from sdtune.train import main as train_main
 
@@ -30,7 +59,34 @@ def main(argv: list[str] | None = None) -> int:
         from sdtune.tiny import make_tiny
 
         return _run(lambda: print(make_tiny(args.dir, PREDICTION_ALIASES[args.prediction], args.seed)))
+    if args.command == "export":
+        return _run(lambda: _export(args))
+    if args.command == "inspect":
+        from sdtune.export.inspect import inspect_file
+
+        return _run(lambda: print(inspect_file(args.file, args.allow_pickle).text()))
     return 2
+
+
+def _export(args: argparse.Namespace) -> None:
+    from sdtune.export import commands
+
+    prediction = PREDICTION_ALIASES[args.prediction] if args.prediction else None
+    common = {"dtype": args.dtype, "overwrite": args.overwrite}
+    if args.kind == "lora":
+        written = commands.export_lora(
+            args.src, args.out, alpha=args.alpha, base_version=args.base_version, prediction=prediction or "epsilon", **common
+        )
+    else:
+        common |= {"prediction": prediction, "zero_terminal_snr": args.ztsnr, "allow_pickle": args.allow_pickle}
+        if args.kind == "merge":
+            written = commands.export_merge(args.lora, args.base, args.out, multiplier=args.multiplier, **common)
+        elif args.kind == "checkpoint":
+            written = commands.export_checkpoint(args.src, args.out, **common)
+        else:
+            written = commands.export_diffusers(args.src, args.out, **common)
+    for path in written:
+        print(f"sdtune: wrote {path}")
 
 
 def _run(action) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,12 +29,19 @@ class Components:
     vae_sha256: str
     text_encoder_sha256: str
     base_model_version: str  # "sd_v1" | "sd_v2"
+    # Tensors of a single-file base with no diffusers counterpart (SD 2's unused last
+    # OpenCLIP block), carried into single files written from this model.
+    ldm_extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_components(
-    path: str | Path, prediction_type: str, zero_terminal_snr: bool, unet_dtype: torch.dtype = torch.float32
+    path: str | Path,
+    prediction_type: str,
+    zero_terminal_snr: bool,
+    unet_dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
 ) -> Components:
-    """Load a diffusers-format SD 1.x/2.x model folder, with the training schedule set up.
+    """Load an SD 1.x/2.x model (diffusers folder or single-file checkpoint), with the training schedule set up.
 
     The VAE and text encoder load in fp32: they fill the caches, whose entries
     must not depend on the training precision.
@@ -42,14 +49,11 @@ def load_components(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
-            f"model.path {path} does not exist; point it at a diffusers model folder, or build "
-            f"the tiny demo model with `sdtune make-tiny {path}`"
+            f"model.path {path} does not exist; point it at a diffusers model folder or a single-file "
+            f".safetensors checkpoint, or build the tiny demo model with `sdtune make-tiny {path}`"
         )
     if path.is_file():
-        raise ValueError(
-            f"model.path {path} is a single file; sdtune reads diffusers folders so far "
-            "(convert with diffusers' `StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)`)"
-        )
+        return load_single_file(path, prediction_type, zero_terminal_snr, unet_dtype, allow_pickle)
     if not (path / "model_index.json").is_file():
         raise ValueError(f"model.path {path} has no model_index.json; it is not a diffusers model folder")
 
@@ -73,6 +77,43 @@ def load_components(
     )
 
 
+def load_single_file(
+    path: Path, prediction_type: str, zero_terminal_snr: bool, unet_dtype: torch.dtype, allow_pickle: bool
+) -> Components:
+    """A single-file LDM checkpoint (SD 1.x, SD 2.x eps or v), offline: configs and tokenizer ship with sdtune."""
+    from sdtune.export.checkpoint import build_models, read_checkpoint
+    from sdtune.tiny import clip_tokenizer
+
+    checkpoint = read_checkpoint(path, allow_pickle)
+    # A file that states its prediction type must agree with the recipe: training
+    # a v model on epsilon targets (or the reverse) silently ruins it.
+    if checkpoint.prediction_type not in (None, prediction_type):
+        raise ValueError(
+            f"{path} is marked {checkpoint.prediction_type} (v_pred tensor or modelspec.prediction_type), "
+            f"but model.prediction_type is {prediction_type}; set model.prediction_type: {checkpoint.prediction_type}"
+        )
+    if checkpoint.zero_terminal_snr is not None and checkpoint.zero_terminal_snr != zero_terminal_snr:
+        raise ValueError(
+            f"{path} is marked zero_terminal_snr={checkpoint.zero_terminal_snr}, but model.zero_terminal_snr is "
+            f"{zero_terminal_snr}; set model.zero_terminal_snr: {str(checkpoint.zero_terminal_snr).lower()}"
+        )
+    unet, vae, text_encoder = build_models(checkpoint, unet_dtype)
+    pad_token = checkpoint.configs["tokenizer"]["pad_token"]
+    return Components(
+        tokenizer=clip_tokenizer(pad_token),
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        noise_scheduler=make_noise_scheduler(checkpoint.configs["scheduler"], prediction_type, zero_terminal_snr),
+        name=path.stem,
+        sha256=file_sha256(path),
+        vae_sha256=tensors_sha256(checkpoint.vae),
+        text_encoder_sha256=tensors_sha256(checkpoint.text_encoder, extra=f"pad={pad_token}"),
+        base_model_version=checkpoint.version,
+        ldm_extras=checkpoint.extras,
+    )
+
+
 def base_model_version(text_encoder: CLIPTextModel) -> str:
     """SD 2.x uses OpenCLIP ViT-H (width 1024); SD 1.x uses CLIP ViT-L (width 768)."""
     return "sd_v2" if text_encoder.config.hidden_size == 1024 else "sd_v1"
@@ -93,6 +134,24 @@ def weights_sha256(*folders: Path) -> str:
             with open(file, "rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: one component of a single file, for the caches."""
+    digest = hashlib.sha256(extra.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

@@ -33,8 +33,14 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     path: str = Field(
         "models/tiny-demo",
-        description="Base model: a diffusers folder (model_index.json inside). "
+        description="Base model: a diffusers folder (model_index.json inside) or a single-file "
+        "SD 1.x/2.x `.safetensors` checkpoint (LDM layout, as ComfyUI/A1111 use). "
         "`sdtune make-tiny DIR` builds a tiny random one for trying things out.",
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow a `.ckpt` (pickle) base model; its tensors are read with "
+        "`torch.load(weights_only=True)`. Prefer converting it to .safetensors.",
     )
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon",
@@ -240,6 +246,13 @@ class OutputSection(_Section):
 
 class ExportSection(_Section):
     dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Precision of the tensors written to disk.")
+    formats: list[Literal["single_file", "diffusers"]] = Field(
+        ["single_file"],
+        min_length=1,
+        description="How a full fine-tune is written: `single_file` (`<name>.safetensors` in the LDM "
+        "layout ComfyUI/A1111 load, plus `<name>.yaml` and `<name>.comfyui.json` for v-prediction) "
+        "and/or `diffusers` (folder `<name>/`). A LoRA run always writes a kohya LoRA file.",
+    )
 
 
 class Recipe(_Section):

@@ -21,12 +21,15 @@ CLIP_BPE_DIR = Path(__file__).parent / "clip_bpe"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
-def clip_tokenizer() -> CLIPTokenizer:
-    """The real CLIP BPE tokenizer (SD 1.x), built from the files shipped in the package."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer, built from the files shipped in the package.
+
+    SD 1.x pads with ``<|endoftext|>``; SD 2.x uses the same BPE and pads with ``!`` (id 0).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         for name in TOKENIZER_FILES:
             shutil.copy(CLIP_BPE_DIR / name, Path(tmp) / name)
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token=pad_token)
 
 
 def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
@@ -120,3 +123,40 @@ def make_tiny(out_dir: str | Path, prediction_type: str = "epsilon", seed: int =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# Reduced widths for models of the real SD 1.5 / 2.1 topology: same blocks, layers,
+# attention layout, projection kind and text-encoder depth, a fraction of the width.
+REDUCED_WIDTHS = {
+    "unet": {"block_out_channels": [32, 64, 64, 64], "cross_attention_dim": 32},
+    "vae": {"block_out_channels": [32, 64, 64, 64]},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 128},
+}
+
+
+def reduced_sd(version: str, seed: int = 0):
+    """UNet, VAE and text encoder with the topology of SD 1.5 (``sd_v1``) or SD 2.1 (``sd_v2``).
+
+    Built from the shipped real configs with only the widths reduced; head counts
+    follow the real models' rules (SD 1: 8 heads, SD 2 and CLIP: 64-channel heads, at
+    least one), which is what reading a single file without our metadata assumes.
+    """
+    from sdtune.export.checkpoint import base_config
+
+    configs = base_config(version)
+    unet_config = configs["unet"] | REDUCED_WIDTHS["unet"]
+    if version == "sd_v2":
+        unet_config["attention_head_dim"] = [max(1, w // 64) for w in unet_config["block_out_channels"]]
+    text_config = configs["text_encoder"] | REDUCED_WIDTHS["text_encoder"]
+    text_config["num_attention_heads"] = max(1, text_config["hidden_size"] // 64)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(unet_config)
+    vae = AutoencoderKL.from_config(configs["vae"] | REDUCED_WIDTHS["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    # Random init leaves norms at 1/0 and some biases at 0; randomise every tensor so a
+    # swapped or dropped one cannot go unnoticed in a comparison.
+    with torch.no_grad():
+        for model in (unet, vae, text_encoder):
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.ndim == 1 and (p == 1).all() else 0.0))
+    return unet.eval(), vae.eval(), text_encoder.eval()

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ if not __package__:
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
@@ -49,7 +47,9 @@ from sdtune.diffusion import (
     sample_noise,
     sample_timesteps,
 )
-from sdtune.export.kohya import kohya_state_dict
+from sdtune.export.checkpoint import save_checkpoint
+from sdtune.export.diffusers_folder import save_diffusers_folder
+from sdtune.export.kohya import check_sd2_text_encoder_targets, kohya_state_dict
 from sdtune.export.metadata import lora_metadata
 from sdtune.models import encode_prompts, load_components, set_attention
 from sdtune.optim import make_lr_scheduler, make_optimizer
@@ -63,7 +63,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "f
 
 @dataclass
 class TrainResult:
-    output: Path  # the LoRA file, or the diffusers folder of a full fine-tune
+    output: Path  # the LoRA file, or a full fine-tune's single file (its diffusers folder when that is the only format)
     losses: list[float]  # one per micro-batch
     latent_cache: CacheStats
     text_cache: CacheStats | None  # None when the text encoder trains (no text cache)
@@ -78,9 +78,15 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     diffusers_logging.disable_progress_bar()  # per-file "Loading weights" bars hide ours
     transformers_logging.disable_progress_bar()
     out_dir = Path(out.dir)
-    result_path = out_dir / (f"{out.name}.safetensors" if opt.method == "lora" else out.name)
-    if result_path.exists() and not out.overwrite and resume is None:
-        raise FileExistsError(f"{result_path} exists from an earlier run; set output.overwrite=true or another output.name")
+    single_file, folder = out_dir / f"{out.name}.safetensors", out_dir / out.name
+    if opt.method == "lora":
+        results = [single_file]
+    else:
+        results = [path for kind, path in (("single_file", single_file), ("diffusers", folder)) if kind in recipe.export.formats]
+    result_path = results[0]
+    for path in results:
+        if path.exists() and not out.overwrite and resume is None:
+            raise FileExistsError(f"{path} exists from an earlier run; set output.overwrite=true or another output.name")
     if resume is None and training_state.list_checkpoints(out_dir) and not out.overwrite:
         raise FileExistsError(
             f"{training_state.checkpoint_dir(out_dir)} holds an earlier run's checkpoints; continue it with "
@@ -103,7 +109,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
 
     # Base model and data.
     unet_dtype = weight_dtype if opt.method == "lora" else torch.float32  # full: fp32 master weights
-    parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, unet_dtype)
+    parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, unet_dtype, model.allow_pickle)
+    if train_te:
+        check_sd2_text_encoder_targets(lora.text_encoder_target_modules, parts.base_model_version)
     samples = scan_folder(data.path)
     captions = [s.caption for s in samples]
     if is_main:
@@ -263,7 +271,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 here = training_state.Position(step, epoch, batch_in_epoch, accelerator.step)
                 saved = _save_checkpoint(out_dir, here, models, optimizer, lr_scheduler, ema, accelerator, recipe, params)
                 if ckpt.export and accelerator.is_main_process:
-                    _export(out_dir / f"{out.name}-step{step:06d}{result_path.suffix}", models, ema, params, parts, recipe, step, len(samples))
+                    _export(out_dir / f"{out.name}-step{step:06d}", models, ema, params, parts, recipe, step, len(samples))
                 if stop.signal is not None:
                     bar.close()
                     if is_main:
@@ -279,11 +287,12 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if skipped and is_main:
         print(f"sdtune: skipped {skipped} batches with a non-finite loss")
     if accelerator.is_main_process:
-        _export(result_path, models, ema, params, parts, recipe, step, len(samples))
+        written = _export(out_dir / out.name, models, ema, params, parts, recipe, step, len(samples))
         atomic.write_text(out_dir / f"{out.name}.recipe.yaml", recipe.to_yaml())
         elapsed = time.perf_counter() - started
         print(f"sdtune: trained {step - position.step} steps in {elapsed:.1f}s ({(step - position.step) / elapsed:.2f} steps/s)")
-        print(f"sdtune: wrote {result_path}")
+        for path in written:
+            print(f"sdtune: wrote {path}")
         print(f"sdtune: recipe {out_dir / (out.name + '.recipe.yaml')}; logs {out_dir / 'logs'}")
     accelerator.end_training()
     if ema is not None:
@@ -291,21 +300,25 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     return TrainResult(result_path, _floats(losses), latent_stats, text_stats, models["unet"], models.get("text_encoder", text_encoder), step)
 
 
-def _export(path: Path, models: dict, ema, params: list, parts, recipe: Recipe, steps: int, num_images: int) -> None:
-    """Write the result (the EMA weights when EMA is on) to ``path``: a kohya LoRA
-    file, or a diffusers folder for a full fine-tune. The training weights are
-    left as they were."""
+def _export(stem: Path, models: dict, ema, params: list, parts, recipe: Recipe, steps: int, num_images: int) -> list[Path]:
+    """Write the result (the EMA weights when EMA is on) beside ``stem``: a kohya LoRA
+    ``<stem>.safetensors``, or for a full fine-tune a single-file checkpoint
+    ``<stem>.safetensors`` and/or a diffusers folder ``<stem>/`` (``export.formats``).
+    The training weights are left as they were. Returns the paths written."""
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
     try:
-        export_dtype = DTYPES[recipe.export.dtype]
+        export_dtype, model = DTYPES[recipe.export.dtype], recipe.model
+        single_file, folder = stem.with_name(f"{stem.name}.safetensors"), stem
         if recipe.train.method == "lora":
-            tensors = kohya_state_dict(models["unet"], models.get("text_encoder"), export_dtype)
+            tensors = kohya_state_dict(
+                models["unet"], models.get("text_encoder"), export_dtype, base_model_version=parts.base_model_version
+            )
             metadata = lora_metadata(
                 base_model_version=parts.base_model_version,
-                prediction_type=recipe.model.prediction_type,
-                zero_terminal_snr=recipe.model.zero_terminal_snr,
+                prediction_type=model.prediction_type,
+                zero_terminal_snr=model.zero_terminal_snr,
                 rank=recipe.lora.rank,
                 alpha=recipe.lora.alpha,
                 resolution=recipe.data.resolution,
@@ -319,9 +332,29 @@ def _export(path: Path, models: dict, ema, params: list, parts, recipe: Recipe, 
                 recipe_json=recipe.to_json(),
                 trained_text_encoder="text_encoder" in models,
             )
-            atomic.save_safetensors(tensors, path, metadata)
-        else:
-            save_diffusers_folder(recipe.model.path, models["unet"], parts.noise_scheduler.config, path, export_dtype)
+            return [atomic.save_safetensors(tensors, single_file, metadata)]
+        written = []
+        if "single_file" in recipe.export.formats:
+            save_checkpoint(
+                single_file,
+                models["unet"],
+                parts.vae,
+                parts.text_encoder,
+                version=parts.base_model_version,
+                prediction_type=model.prediction_type,
+                zero_terminal_snr=model.zero_terminal_snr,
+                dtype=export_dtype,
+                extras=parts.ldm_extras or None,
+                title=recipe.output.name,
+                extra_metadata={"sdtune.recipe": recipe.to_json(), "sdtune.base_model_sha256": parts.sha256},
+            )
+            written.append(single_file)
+        if "diffusers" in recipe.export.formats:
+            save_diffusers_folder(
+                folder, models["unet"], parts.vae, parts.text_encoder, parts.tokenizer, parts.noise_scheduler.config, export_dtype
+            )
+            written.append(folder)
+        return written
     finally:
         if ema is not None:
             ema.restore(params)
@@ -396,27 +429,6 @@ def _floats(losses: list[torch.Tensor]) -> list[float]:
     return torch.stack(losses).float().cpu().tolist() if losses else []
 
 
-def save_diffusers_folder(base: str, unet, scheduler_config: dict, out: Path, dtype: torch.dtype) -> Path:
-    """A full fine-tune as a diffusers folder: the base components with the trained UNet,
-    and an inference scheduler carrying the training's prediction type and terminal SNR."""
-    from diffusers import StableDiffusionPipeline  # pulls in image processors; only needed here
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        base,
-        dtype=dtype,
-        scheduler=DDIMScheduler.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    # Copy the trained weights into a UNet loaded in the export dtype (load_state_dict casts).
-    pipe.unet.load_state_dict(unet.state_dict())
-    tmp = out.with_name(f".{out.name}.tmp")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def _summed(accelerator: Accelerator, stats: CacheStats) -> CacheStats:

@@ -43,3 +43,11 @@ def fresh_accelerator_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
+
+
+@pytest.fixture(scope="session", params=["sd_v1", "sd_v2"])
+def reduced(request):
+    """(version, unet, vae, text_encoder) with the real SD 1.5 / SD 2.1 topology at reduced width."""
+    from sdtune.tiny import reduced_sd
+
+    return (request.param, *reduced_sd(request.param))

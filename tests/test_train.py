@@ -152,8 +152,10 @@ def test_existing_outputs_are_not_overwritten(tiny_v, small_dataset, tmp_path):
         main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", "output.overwrite=false"))
 
 
-def test_full_finetune_writes_a_diffusers_folder(tiny_eps, small_dataset, tmp_path):
+def test_full_finetune_writes_a_single_file_and_a_diffusers_folder(tiny_eps, small_dataset, tmp_path):
     from diffusers import StableDiffusionPipeline
+
+    from sdtune.export.checkpoint import build_models, read_checkpoint
 
     recipe = load_recipe(
         "recipes/full_finetune.yaml",
@@ -162,12 +164,21 @@ def test_full_finetune_writes_a_diffusers_folder(tiny_eps, small_dataset, tmp_pa
             f"output.dir={tmp_path / 'out'}", "data.resolution=64", "train.max_steps=3", "train.batch_size=4",
             "train.mixed_precision=no", "train.optimizer=adamw", "train.learning_rate=1e-4", "train.logger=none",
             "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "data.num_workers=0",
+            "export.formats=[single_file, diffusers]",
         ],
     )
     result = train(recipe)
-    with safe_open(str(result.output / "unet/diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+    assert result.output == tmp_path / "out" / "my-finetune.safetensors"
+    checkpoint = read_checkpoint(result.output)
+    assert checkpoint.prediction_type == "epsilon" and json.loads(checkpoint.metadata["sdtune.recipe"])["train"]["method"] == "full"
+    assert not (tmp_path / "out" / "my-finetune.yaml").exists()  # epsilon: no A1111 sidecar needed
+    single_unet = build_models(checkpoint, torch.float16)[0]
+    folder = tmp_path / "out" / "my-finetune"
+    with safe_open(str(folder / "unet/diffusion_pytorch_model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # export.dtype
-    pipe = StableDiffusionPipeline.from_pretrained(result.output, safety_checker=None, dtype=torch.float16)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, dtype=torch.float16)
+    # Both formats hold the same fp16 UNet.
+    assert all(torch.equal(a, b) for a, b in zip(single_unet.state_dict().values(), pipe.unet.state_dict().values()))
     assert pipe.scheduler.config.prediction_type == "epsilon"
     base = UNet2DConditionModel.from_pretrained(tiny_eps, subfolder="unet")
     changed = [
@@ -354,3 +365,16 @@ def test_sigterm_saves_state_and_the_resumed_run_matches(tiny_v, small_dataset, 
     a, _ = read_lora(tmp_path / "run" / "tiny-demo.safetensors")
     b, _ = read_lora(tmp_path / "straight" / "tiny-demo.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_trains_on_a_single_file_base(tiny_v, small_dataset, tmp_path):
+    """model.path may be a single-file checkpoint; its v_pred/ztsnr markers must agree with the recipe."""
+    from sdtune.export.commands import export_checkpoint
+
+    single = export_checkpoint(tiny_v, tmp_path / "base.safetensors", zero_terminal_snr=True, dtype="fp32")[0]
+    result = main(_args(single, small_dataset, tmp_path, "train.max_steps=2"))
+    tensors, metadata = read_lora(result.output)
+    assert metadata["ss_sd_model_name"] == "base" and len(metadata["ss_new_sd_model_hash"]) == 64
+    assert len({k.split(".", 1)[0] for k in tensors}) == 56
+    with pytest.raises(ValueError, match="set model.zero_terminal_snr: true"):
+        main(_args(single, small_dataset, tmp_path, "train.max_steps=1", "model.zero_terminal_snr=false", "output.name=x"))

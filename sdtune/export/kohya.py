@@ -9,6 +9,7 @@ transformers module path with ``.`` replaced by ``_``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -29,12 +30,45 @@ def kohya_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
+# A1111 applies an SD 2 text-encoder LoRA to OpenCLIP's fused attention only when
+# all four projections of a layer are present (rule 3); it applies none otherwise.
+SD2_ATTENTION = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")
+TE_LAYER = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(.+)")
+
+
+def partial_sd2_attention(layer_names) -> list[str]:
+    """Text-encoder layers whose q/k/v/out_proj are adapted only in part (A1111 drops them on SD 2)."""
+    kinds: dict[str, set[str]] = {}
+    for name in layer_names:
+        match = TE_LAYER.fullmatch(name)
+        if match and match.group(2) in SD2_ATTENTION:
+            kinds.setdefault(match.group(1), set()).add(match.group(2))
+    return [f"layer {n}: {sorted(k)}" for n, k in sorted(kinds.items(), key=lambda i: int(i[0])) if len(k) != 4]
+
+
+def check_sd2_text_encoder_targets(targets: list[str], base_model_version: str) -> None:
+    """Fail before training when an SD 2 text-encoder LoRA would be ignored by A1111."""
+    attention = {t for t in targets if t in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    if base_model_version == "sd_v2" and attention and len(attention) != 4:
+        raise ValueError(
+            f"lora.text_encoder_target_modules has {sorted(attention)} of the attention projections; on SD 2, "
+            "A1111 applies a text-encoder LoRA only when q_proj, k_proj, v_proj and out_proj are all adapted. "
+            "Add the missing ones (or none of them)"
+        )
+
+
 def kohya_state_dict(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None, dtype: torch.dtype = torch.float16
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    dtype: torch.dtype = torch.float16,
+    base_model_version: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The trained LoRA of ``unet`` (and ``text_encoder``) as kohya keys, weights in ``dtype``.
 
-    Alphas are written in fp32, so any trained alpha survives exactly.
+    Alphas are written in fp32, so any trained alpha survives exactly. Conv
+    layers (LoCon) keep their kernel in ``lora_down`` and a 1x1 ``lora_up``,
+    which is how peft stores them too. For SD 2 (``base_model_version``), a
+    partly adapted text-encoder attention is an error (see ``SD2_ATTENTION``).
     """
     tensors: dict[str, torch.Tensor] = {}
     for prefix, model in ((UNET_PREFIX, unet), (TEXT_ENCODER_PREFIX, text_encoder)):
@@ -45,6 +79,13 @@ def kohya_state_dict(
             tensors[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to(dtype)
             tensors[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to(dtype)
             tensors[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=torch.float32)
+    if base_model_version == "sd_v2":
+        partial = partial_sd2_attention({key.split(".", 1)[0] for key in tensors})
+        if partial:
+            raise ValueError(
+                f"SD 2 text-encoder LoRA adapts only part of q/k/v/out_proj in {partial[:3]}; A1111 would apply "
+                "none of them. Train it with all four projections (lora.text_encoder_target_modules)"
+            )
     return tensors
 
 
@@ -92,3 +133,42 @@ def merge_lora(
             delta = torch.einsum("or,rihw->oihw", up.flatten(1), down)
         weight += (multiplier * alpha / rank * delta.reshape(weight.shape)).to(weight.dtype)
     return names
+
+
+# PEFT / diffusers LoRA names: `<component prefix><module path>.lora_A.weight` (down) / `.lora_B.weight` (up).
+PEFT_KEY = re.compile(r"(.+)\.lora_([AB])\.weight")
+PEFT_COMPONENTS = (  # first match wins; a bare module path is a UNet's (peft's get_peft_model_state_dict of a UNet)
+    ("text_encoder.", TEXT_ENCODER_PREFIX),
+    ("unet.", UNET_PREFIX),
+    ("base_model.model.", UNET_PREFIX),
+    ("", UNET_PREFIX),
+)
+
+
+def peft_to_kohya(
+    tensors: dict[str, torch.Tensor], alphas: dict[str, float], dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """A PEFT / diffusers LoRA state dict in kohya names (another trainer's LoRA, or ours saved by peft).
+
+    ``alphas`` maps a component (``unet``, ``text_encoder``) to its ``lora_alpha``;
+    a component without one keeps diffusers' loading behaviour, alpha = rank (scale 1).
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        match = PEFT_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{key} is not a PEFT LoRA weight (<module>.lora_A.weight / .lora_B.weight); is this file already kohya format?")
+        path, part = match.groups()
+        component, prefix = next((c, p) for c, p in PEFT_COMPONENTS if path.startswith(c))
+        module = path.removeprefix(component)
+        name = kohya_name(prefix, module)
+        pairs.setdefault(name, {"component": "text_encoder" if prefix == TEXT_ENCODER_PREFIX else "unet"})[part] = value
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in pairs.items():
+        if "A" not in parts or "B" not in parts:
+            raise ValueError(f"{name}: only one of lora_A/lora_B is present; the file is incomplete")
+        rank = parts["A"].shape[0]
+        out[f"{name}.lora_down.weight"] = parts["A"].to(dtype)
+        out[f"{name}.lora_up.weight"] = parts["B"].to(dtype)
+        out[f"{name}.alpha"] = torch.tensor(float(alphas.get(parts["component"], rank)), dtype=torch.float32)
+    return out

@@ -68,3 +68,29 @@ def lora_metadata(
         "sdtune.zero_terminal_snr": str(zero_terminal_snr),
         "sdtune.recipe": recipe_json,
     }
+
+
+def converted_lora_metadata(
+    *, base_model_version: str, prediction_type: str, rank: int, alpha: float, title: str, source: str
+) -> dict[str, str]:
+    """Rule-4 metadata for a LoRA converted from another format: what the UIs read, and where it came from.
+
+    Training keys (steps, learning rate, recipe) are left out: the source file does not say.
+    """
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return {
+        "ss_v2": str(base_model_version == "sd_v2"),
+        "ss_base_model_version": base_model_version,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{_ARCHITECTURE[(base_model_version, prediction_type)]}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.prediction_type": _MODELSPEC_PREDICTION[prediction_type],
+        "modelspec.date": now.isoformat(),
+        "sdtune.version": sdtune.__version__,
+        "sdtune.converted_from": source,
+    }

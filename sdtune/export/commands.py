@@ -1,0 +1,136 @@
+"""``sdtune export``: LoRA and checkpoint conversions, each returning the files it wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sdtune import atomic
+from sdtune.export.checkpoint import read_checkpoint, read_tensors, save_checkpoint
+from sdtune.export.diffusers_folder import save_diffusers_folder
+from sdtune.export.kohya import merge_lora, partial_sd2_attention, peft_to_kohya
+from sdtune.export.metadata import converted_lora_metadata
+from sdtune.models import Components, load_components
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _refuse_overwrite(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+
+
+def stated_prediction(path: Path, allow_pickle: bool = False) -> tuple[str | None, bool | None]:
+    """What a base model says about its prediction type and terminal SNR (None: it does not say)."""
+    if path.is_file():
+        checkpoint = read_checkpoint(path, allow_pickle)
+        return checkpoint.prediction_type, checkpoint.zero_terminal_snr
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return None, None
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    return config.get("prediction_type"), config.get("rescale_betas_zero_snr")
+
+
+def load_base(path: str | Path, prediction: str | None, zero_terminal_snr: bool | None, allow_pickle: bool = False) -> tuple[Components, str, bool]:
+    """A base model with its prediction type: the one asked for, else the one it states, else epsilon."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give a diffusers folder or a single-file .safetensors")
+    stated, stated_ztsnr = stated_prediction(path, allow_pickle)
+    prediction = prediction or stated or "epsilon"
+    ztsnr = bool(stated_ztsnr) if zero_terminal_snr is None else zero_terminal_snr
+    return load_components(path, prediction, ztsnr, allow_pickle=allow_pickle), prediction, ztsnr
+
+
+def export_lora(
+    src: str | Path, out: str | Path, *, alpha: float | None = None, base_version: str | None = None,
+    prediction: str = "epsilon", dtype: str = "fp16", overwrite: bool = False,
+) -> list[Path]:  # fmt: skip
+    """A PEFT/diffusers LoRA (a .safetensors file, or a peft folder with adapter_config.json) -> kohya file."""
+    src, out = Path(src), Path(out)
+    _refuse_overwrite(out, overwrite)
+    alphas: dict[str, float] = {}
+    if src.is_dir():
+        config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError(f"{src}: per-layer rank_pattern/alpha_pattern are not supported; export without them")
+        alphas = {"unet": config["lora_alpha"], "text_encoder": config["lora_alpha"]}
+        src = src / "adapter_model.safetensors"
+    tensors, metadata = read_tensors(src)
+    if "lora_adapter_metadata" in metadata:  # diffusers >= 0.33 stores each component's peft config
+        stored = json.loads(metadata["lora_adapter_metadata"])
+        alphas |= {c: stored[f"{c}.lora_alpha"] for c in ("unet", "text_encoder") if f"{c}.lora_alpha" in stored}
+    if alpha is not None:
+        alphas = {"unet": alpha, "text_encoder": alpha}
+    kohya = peft_to_kohya(tensors, alphas, DTYPES[dtype])
+    if base_version is None:
+        base_version = _version_from_lora(kohya)
+    if base_version == "sd_v2" and partial_sd2_attention({k.split(".", 1)[0] for k in kohya}):
+        raise ValueError("this SD 2 LoRA adapts only part of q/k/v/out_proj in some text-encoder layers; A1111 would apply none of them")
+    ranks = {int(t.shape[0]) for k, t in kohya.items() if k.endswith("lora_down.weight")}
+    alpha_values = {float(t) for k, t in kohya.items() if k.endswith(".alpha")}
+    metadata = converted_lora_metadata(
+        base_model_version=base_version, prediction_type=prediction, rank=max(ranks), alpha=max(alpha_values),
+        title=out.stem, source=src.name,
+    )  # fmt: skip
+    return [atomic.save_safetensors(kohya, out, metadata)]
+
+
+def _version_from_lora(kohya: dict[str, torch.Tensor]) -> str:
+    # Cross-attention k/v read the text encoder's output: 768 wide for SD 1, 1024 for SD 2.
+    for key, value in kohya.items():
+        if "attn2_to_k" in key and key.endswith("lora_down.weight"):
+            width = value.shape[1]
+            if width in (768, 1024):
+                return "sd_v1" if width == 768 else "sd_v2"
+    raise ValueError("cannot tell SD 1 from SD 2 from this LoRA's shapes; pass --base-version sd_v1 or sd_v2")
+
+
+def export_merge(
+    lora: str | Path, base: str | Path, out: str | Path, *, multiplier: float = 1.0, prediction: str | None = None,
+    zero_terminal_snr: bool | None = None, dtype: str = "fp16", overwrite: bool = False, allow_pickle: bool = False,
+) -> list[Path]:  # fmt: skip
+    """A kohya LoRA merged into a base model by the UIs' rule, written as a single-file checkpoint."""
+    out = Path(out)
+    _refuse_overwrite(out, overwrite)
+    tensors, lora_metadata = read_tensors(lora)
+    if prediction is None and lora_metadata.get("modelspec.prediction_type") == "v":
+        prediction = "v_prediction"
+    parts, prediction, ztsnr = load_base(base, prediction, zero_terminal_snr, allow_pickle)
+    if lora_metadata.get("ss_base_model_version", parts.base_model_version) != parts.base_model_version:
+        raise ValueError(f"{lora} was trained on {lora_metadata['ss_base_model_version']}, the base is {parts.base_model_version}")
+    merge_lora(tensors, parts.unet, parts.text_encoder, multiplier)
+    return save_checkpoint(
+        out, parts.unet, parts.vae, parts.text_encoder, version=parts.base_model_version, prediction_type=prediction,
+        zero_terminal_snr=ztsnr, dtype=DTYPES[dtype], extras=parts.ldm_extras or None,
+        extra_metadata={"sdtune.merged_lora": Path(lora).name, "sdtune.merge_multiplier": str(multiplier)},
+    )  # fmt: skip
+
+
+def export_checkpoint(
+    src: str | Path, out: str | Path, *, prediction: str | None = None, zero_terminal_snr: bool | None = None,
+    dtype: str = "fp16", overwrite: bool = False, allow_pickle: bool = False,
+) -> list[Path]:  # fmt: skip
+    """A diffusers folder (or another single file, e.g. to add markers) -> single-file checkpoint."""
+    _refuse_overwrite(Path(out), overwrite)
+    parts, prediction, ztsnr = load_base(src, prediction, zero_terminal_snr, allow_pickle)
+    return save_checkpoint(
+        out, parts.unet, parts.vae, parts.text_encoder, version=parts.base_model_version, prediction_type=prediction,
+        zero_terminal_snr=ztsnr, dtype=DTYPES[dtype], extras=parts.ldm_extras or None,
+    )  # fmt: skip
+
+
+def export_diffusers(
+    src: str | Path, out: str | Path, *, prediction: str | None = None, zero_terminal_snr: bool | None = None,
+    dtype: str = "fp16", overwrite: bool = False, allow_pickle: bool = False,
+) -> list[Path]:  # fmt: skip
+    """A single-file checkpoint -> diffusers folder (scheduler with its prediction type)."""
+    _refuse_overwrite(Path(out), overwrite)
+    parts, _, _ = load_base(src, prediction, zero_terminal_snr, allow_pickle)
+    folder = save_diffusers_folder(
+        Path(out), parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.noise_scheduler.config, DTYPES[dtype]
+    )
+    return [folder]

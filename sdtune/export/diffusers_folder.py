@@ -1,0 +1,41 @@
+"""A model as a diffusers folder (``save_pretrained``), for diffusers users."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+
+
+def save_diffusers_folder(
+    out: Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Write the components as a StableDiffusionPipeline folder, weights in ``dtype``.
+
+    The inference scheduler is DDIM with the training's prediction type and terminal
+    SNR (``scheduler_config``). The folder appears whole or not at all.
+    """
+    from diffusers import StableDiffusionPipeline  # pulls in image processors; only needed here
+
+    # Copies, so the caller's models keep their precision.
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).to(dtype),
+        text_encoder=copy.deepcopy(text_encoder).to(dtype),
+        tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).to(dtype),
+        scheduler=DDIMScheduler.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,168 @@
+"""What a ``.safetensors`` file is, and what a UI would drop or misread in it (``sdtune inspect``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdtune.export import ldm_keys
+from sdtune.export.checkpoint import configs_from_shapes, markers, read_tensors, split_ldm
+from sdtune.export.kohya import partial_sd2_attention
+
+KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+PEFT_KEY = re.compile(r"(.+)\.lora_[AB]\.weight")
+# Module kinds a LoRA layer name belongs to, for the rank/alpha summary: first match wins.
+MODULE_KINDS = (
+    ("text encoder attention", re.compile(r"lora_te\d?_.*self_attn")),
+    ("text encoder mlp", re.compile(r"lora_te\d?_.*mlp")),
+    ("unet attention", re.compile(r"lora_unet_.*attn[12]_")),
+    ("unet feed-forward", re.compile(r"lora_unet_.*_ff_net_")),
+    ("unet transformer proj_in/out", re.compile(r"lora_unet_.*_proj_(in|out)$")),
+    ("unet conv / resnet (LoCon)", re.compile(r"lora_unet_")),
+)
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join(self.lines + [f"warning: {w}" for w in self.warnings])
+
+
+def inspect_file(path: str | Path, allow_pickle: bool = False) -> Report:
+    path = Path(path)
+    tensors, metadata = read_tensors(path, allow_pickle)
+    if any("lora_" in key for key in tensors):
+        return _lora_report(path, tensors, metadata)
+    return _checkpoint_report(path, tensors, metadata)
+
+
+def _lora_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Report:
+    report = Report()
+    layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    peft_layers, stray = set(), []
+    for key, value in tensors.items():
+        if match := KOHYA_KEY.fullmatch(key):
+            layers[match.group(1)][match.group(2)] = value
+        elif match := PEFT_KEY.fullmatch(key):
+            peft_layers.add(match.group(1))
+        else:
+            stray.append(key)
+    version = _lora_version(layers, peft_layers, tensors, metadata)
+    fmt = "kohya" if layers and not peft_layers else "PEFT/diffusers (dotted names)" if peft_layers and not layers else "mixed kohya + PEFT"
+    report.lines += [
+        f"{path.name}: LoRA, {fmt} keys, {len(layers) + len(peft_layers)} layers",
+        f"base model: {_VERSION_NAMES.get(version, 'unknown (SD 1 or SD 2?)')}",
+        f"prediction type: {metadata.get('modelspec.prediction_type', 'not stated')}"
+        + (f", zero terminal SNR: {metadata['sdtune.zero_terminal_snr']}" if "sdtune.zero_terminal_snr" in metadata else ""),
+    ]
+    summary: dict[str, set[str]] = defaultdict(set)
+    counts: dict[str, int] = defaultdict(int)
+    for name, parts in layers.items():
+        kind = next(k for k, pattern in MODULE_KINDS if pattern.match(name)) if name.startswith(("lora_unet_", "lora_te")) else "other"
+        counts[kind] += 1
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            report.warnings.append(f"{name} lacks {'lora_up' if 'lora_down.weight' in parts else 'lora_down'}; the UIs skip it")
+            continue
+        rank = parts["lora_down.weight"].shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else None
+        shape = "x".join(str(s) for s in parts["lora_down.weight"].shape[2:]) or "linear"
+        summary[kind].add(f"rank {rank}, alpha {alpha if alpha is not None else 'missing'}" + (f", {shape} kernel" if shape != "linear" else ""))
+    for kind in sorted(counts):
+        report.lines.append(f"  {kind}: {counts[kind]} layers; " + "; ".join(sorted(summary[kind])))
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    report.lines.append(f"dtypes: {', '.join(dtypes)}")
+    _metadata_lines(report, metadata)
+
+    if peft_layers:
+        report.warnings.append(
+            f"{len(peft_layers)} layers have PEFT/diffusers dotted names (e.g. {sorted(peft_layers)[0]}.lora_A.weight): "
+            "A1111 drops them all and ComfyUI drops every UNet attention layer; convert with `sdtune export lora`"
+        )
+    no_alpha = [n for n, p in layers.items() if "alpha" not in p]
+    if no_alpha:
+        report.warnings.append(f"{len(no_alpha)} layers have no .alpha (e.g. {no_alpha[0]}): the UIs then scale by 1.0 (alpha = rank), whatever alpha it was trained with")
+    if "ss_v2" not in metadata:
+        report.warnings.append("no ss_v2 metadata: A1111 treats the LoRA as SD 1 and hides it while an SD 2 model is loaded")
+    if version == "sd_v2":
+        te1 = [n for n in layers if n.startswith("lora_te1_")]
+        if te1:
+            report.warnings.append(f"{len(te1)} text-encoder layers are named lora_te1_ (e.g. {te1[0]}): A1111 drops them on SD 2; use lora_te_")
+        partial = partial_sd2_attention(n.replace("lora_te1_", "lora_te_") for n in layers)
+        if partial:
+            report.warnings.append(f"SD 2 text encoder with only part of q/k/v/out_proj adapted ({'; '.join(partial[:3])}): A1111 applies none of that layer's attention")
+    if stray:
+        report.warnings.append(f"{len(stray)} stray tensor(s) that are not LoRA weights (e.g. {stray[0]}): the UIs report them as keys not loaded")
+    return report
+
+
+_VERSION_NAMES = {"sd_v1": "SD 1.x (CLIP ViT-L, 768-d context)", "sd_v2": "SD 2.x (OpenCLIP ViT-H, 1024-d context)"}
+
+
+def _lora_version(layers, peft_layers, tensors, metadata) -> str | None:
+    if metadata.get("ss_base_model_version") in ("sd_v1", "sd_v2"):
+        return metadata["ss_base_model_version"]
+    if "ss_v2" in metadata:
+        return "sd_v2" if metadata["ss_v2"] == "True" else "sd_v1"
+    # The cross-attention key/value projections read the text encoder's width.
+    for key, value in tensors.items():
+        if re.search(r"attn2[._]to_[kv]", key) and ("lora_down" in key or "lora_A" in key):
+            return {768: "sd_v1", 1024: "sd_v2"}.get(value.shape[1])
+    return None
+
+
+def _metadata_lines(report: Report, metadata: dict[str, str]) -> None:
+    if not metadata:
+        report.lines.append("metadata: none")
+        return
+    report.lines.append("metadata:")
+    for key in sorted(metadata):
+        value = metadata[key]
+        if key == "sdtune.recipe" or len(value) > 120:
+            value = f"<{len(value)} chars>" + (" (the resolved training recipe, JSON)" if key == "sdtune.recipe" else "")
+        report.lines.append(f"  {key}: {value}")
+
+
+def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Report:
+    report = Report()
+    version, parts, ignored = split_ldm(tensors)
+    prediction, ztsnr = markers(parts["markers"], metadata)
+    shapes = {k: tuple(v.shape) for part in parts.values() for k, v in part.items()}
+    configs = configs_from_shapes(version, shapes, prediction)
+    stored = json.loads(metadata.get("sdtune.architecture", "{}"))
+    unet, te = configs["unet"], configs["text_encoder"]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if k not in ldm_keys.MARKER_KEYS})
+    report.lines += [
+        f"{path.name}: full model, single-file LDM checkpoint, {len(tensors)} tensors ({', '.join(dtypes)})",
+        f"base model: {_VERSION_NAMES[version]}",
+        f"prediction type: {prediction or 'not stated'}; zero terminal SNR: {'not stated' if ztsnr is None else ztsnr}",
+        f"  unet: widths {unet['block_out_channels']}, {unet['layers_per_block']} layers per block, "
+        f"context {unet['cross_attention_dim']}, {'linear' if unet['use_linear_projection'] else 'conv'} transformer projections",
+        f"  text encoder: {te['num_hidden_layers']} layers used, width {te['hidden_size']}"
+        + (f" (+{len([k for k in shapes if '.resblocks.' in k]) // 12 - te['num_hidden_layers']} unused OpenCLIP resblock)" if version == "sd_v2" else ""),
+        f"  vae: widths {configs['vae']['block_out_channels']}",
+    ]
+    if stored:
+        report.lines.append("  architecture details from sdtune metadata (heads, norm groups)")
+    _metadata_lines(report, metadata)
+    if ignored:
+        report.warnings.append(
+            f"{len(ignored)} stray tensor(s) outside the model (e.g. {ignored[0]}): EMA copies or training state; "
+            "the UIs ignore them, they only take space"
+        )
+    if prediction is None and version == "sd_v2":
+        report.warnings.append(
+            "SD 2 with no prediction-type marker: ComfyUI guesses eps/v from the weights and A1111 from a test run; "
+            "`sdtune export checkpoint --prediction v|eps` rewrites it with markers"
+        )
+    if prediction == "v_prediction" and not path.with_suffix(".yaml").exists():
+        report.warnings.append(f"v-prediction model without {path.with_suffix('.yaml').name} beside it: A1111 runs it as epsilon (SD 1) or guesses (SD 2)")
+    return report
