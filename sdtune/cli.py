@@ -1,4 +1,4 @@
-"""The ``sdtune`` command: ``sdtune make-tiny DIR``, ``sdtune train --recipe R``."""
+"""The ``sdtune`` command: ``sdtune make-tiny DIR``, ``sdtune train --recipe R``, ``sdtune sample ...``."""
 
 from __future__ import annotations
 
@@ -20,11 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--seed", type=int, default=0)
 
     commands.add_parser("train", help="train from a recipe (same as sdtune/train.py)", add_help=False)
+    commands.add_parser("sample", help="generate images, X/Y grids and base-vs-fine-tune comparisons", add_help=False)
 
     if argv[:1] == ["train"]:
         from sdtune.train import main as train_main
 
         return _run(lambda: train_main(argv[1:]))
+    if argv[:1] == ["sample"]:
+        from sdtune.sample import main as sample_main
+
+        return _run(lambda: sample_main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "make-tiny":
         from sdtune.tiny import make_tiny
