@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 import re
 import sys
@@ -40,7 +41,7 @@ from transformers.utils import logging as transformers_logging
 
 from sdtune import grid as grids
 from sdtune import infotext
-from sdtune.export.kohya import TEXT_ENCODER_PREFIX, UNET_PREFIX, addressable_layers, merge_lora, read_lora
+from sdtune.export.kohya import TEXT_ENCODER_PREFIX, UNET_PREFIX, addressable_layers, kohya_name, merge_lora, read_lora
 from sdtune.models import weights_sha256
 
 # Lin et al. 2023, section 3.4: CFG rescale 0.7 keeps a zero-terminal-SNR model from over-exposing.
@@ -192,16 +193,47 @@ class Model:
     lora_weights: tuple[float, ...] = ()  # what is merged in now
 
 
-def read_kohya_lora(path: str | Path) -> Lora:
+# diffusers' `save_lora_weights` (peft) files: `<component>.<module path>.lora_A.weight` (down) and
+# `.lora_B.weight` (up), alpha in the `lora_adapter_metadata` JSON as `<component>.lora_alpha`.
+PEFT_COMPONENTS = {"unet": UNET_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
+PEFT_SUFFIXES = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
+
+
+def kohya_from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> dict[str, torch.Tensor]:
+    """A diffusers/peft SD 1.x/2.x LoRA under kohya names, so it merges by the same rule.
+
+    Without a recorded alpha the scale is 1 (alpha = rank), as diffusers loads it.
+    """
+    adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    if any(adapter.get(f"{component}.alpha_pattern") for component in PEFT_COMPONENTS):
+        raise ValueError(f"{path} sets per-layer alphas (alpha_pattern), which sdtune sample does not read")
+    kohya = {}
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        suffix = next((s for s in PEFT_SUFFIXES if rest.endswith(s)), None)
+        if component not in PEFT_COMPONENTS or suffix is None:
+            raise ValueError(f"{path}: key {key!r} is neither kohya (lora_unet_*, lora_te_*) nor diffusers/peft "
+                             "(unet.*.lora_A.weight, text_encoder.*.lora_B.weight); sdtune sample cannot read it")
+        name = kohya_name(PEFT_COMPONENTS[component], rest.removesuffix(suffix))
+        kohya[name + PEFT_SUFFIXES[suffix]] = value
+        if adapter.get(f"{component}.lora_alpha") is not None:
+            kohya[f"{name}.alpha"] = torch.tensor(float(adapter[f"{component}.lora_alpha"]))
+    return kohya
+
+
+def read_lora_file(path: str | Path) -> Lora:
+    """A kohya LoRA (what sdtune train writes), or a diffusers/peft one converted to kohya names."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     tensors, metadata = read_lora(path)
+    if not any(key.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)) for key in tensors):
+        tensors = kohya_from_peft(tensors, metadata, path)
     foreign = [key for key in tensors if not key.endswith(LORA_KEY_SUFFIXES)]
     if foreign:
         raise ValueError(
-            f"{path} is not a plain kohya LoRA (found key {foreign[0]!r}); sdtune sample reads "
-            "lora_unet_*/lora_te_* files with lora_down/lora_up/alpha, as sdtune train writes them"
+            f"{path} is not a plain LoRA (found key {foreign[0]!r}); sdtune sample reads lora_down/lora_up/alpha "
+            "layers (LoCon/LoHa/LoKr and DoRA files are not supported)"
         )
     short_hash = infotext.lora_short_hash(path, metadata)
     return Lora(path=path, name=path.stem, short_hash=short_hash, tensors=tensors, metadata=metadata)
@@ -229,7 +261,7 @@ def load_pipeline(
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if not model_path.exists():
         raise FileNotFoundError(f"--model {model_path} does not exist; point it at a diffusers model folder")
-    loras = [read_kohya_lora(p) for p in lora_paths]
+    loras = [read_lora_file(p) for p in lora_paths]
     names = [lora.name for lora in loras]
     if len(set(names)) != len(names):
         raise ValueError(f"two LoRA files share a name ({', '.join(names)}); prompts and hashes name LoRAs by file name, so rename one")
@@ -261,6 +293,8 @@ def load_pipeline(
     if ztsnr and prediction != "v_prediction":
         raise ValueError(f"{flags_from} says zero terminal SNR with {prediction}; zero terminal SNR needs v-prediction")
     pipe.to(device)
+    for lora in loras:
+        lora.tensors = {key: value.to(device) for key, value in lora.tensors.items()}
     pipe.set_progress_bar_config(disable=True)  # `sdtune sample` shows one bar over all images
     layers = addressable_layers(UNET_PREFIX, pipe.unet) | addressable_layers(TEXT_ENCODER_PREFIX, pipe.text_encoder)
     base_weights = {}
@@ -323,7 +357,8 @@ def generate(
     size: tuple[int, int],
     negative_prompts: list[str] | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt and seed. ``sampler`` is a diffusers scheduler (``make_sampler``).
+    """One image per prompt and seed. ``sampler`` is a diffusers scheduler (``make_sampler``);
+    it becomes ``pipe.scheduler``.
 
     Each image's starting noise comes from a CPU generator seeded with its seed,
     so a seed gives the same start on any device and in any batch.
@@ -483,7 +518,7 @@ def next_index(out: Path) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sdtune sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base model: a diffusers folder (single-file checkpoints: soon)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="kohya LoRA file, weight 1 unless given; repeatable")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="LoRA file (kohya or diffusers), weight 1 unless given; repeatable")
     parser.add_argument("--prompt", action="append", default=[], help="prompt; repeatable")
     parser.add_argument("--prompt-file", help="file of prompts, one a line (blank lines skipped)")
     parser.add_argument("--negative", default="", help="negative prompt, for every image")

@@ -36,8 +36,8 @@ from sdtune.sample import (
 SIZE = (64, 64)
 
 
-def _write_lora(base, path, prediction_type="epsilon", zero_terminal_snr=False, seed=0):
-    """A kohya LoRA on the tiny model's UNet attention and text encoder, with random
+def _random_lora(base, seed=0):
+    """The tiny model with a LoRA on its UNet attention and text encoder, with random
     (non-zero) up weights so it visibly changes the model."""
     parts = load_components(base, "epsilon", False)
     add_lora(parts.unet, rank=4, alpha=2, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -47,6 +47,11 @@ def _write_lora(base, path, prediction_type="epsilon", zero_terminal_snr=False, 
         for layer in [*lora_layers(parts.unet).values(), *lora_layers(parts.text_encoder).values()]:
             up = layer.lora_B["default"].weight
             up.copy_(0.5 * torch.randn(up.shape, generator=gen))
+    return parts
+
+
+def _write_lora(base, path, prediction_type="epsilon", zero_terminal_snr=False, seed=0):
+    parts = _random_lora(base, seed)
     metadata = lora_metadata(
         base_model_version="sd_v1", prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr,
         rank=4, alpha=2, resolution=64, steps=1, learning_rate=1e-4, num_images=1, seed=seed,
@@ -130,6 +135,29 @@ def test_lora_weight_zero_is_the_base_exactly_and_one_differs(tiny_eps, eps_with
     for ours, theirs in ((model.pipe.unet, base.pipe.unet), (model.pipe.text_encoder, base.pipe.text_encoder)):
         for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
             assert torch.equal(a, b), name
+
+
+def test_a_diffusers_format_lora_merges_like_its_kohya_twin(tiny_eps, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    parts = _random_lora(tiny_eps, seed=3)
+    kohya = atomic.save_safetensors(kohya_state_dict(parts.unet, parts.text_encoder, torch.float32), tmp_path / "k.safetensors")
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "d",
+        unet_lora_layers=get_peft_model_state_dict(parts.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(parts.text_encoder),
+        unet_lora_adapter_metadata={"r": 4, "lora_alpha": 2},
+        text_encoder_lora_adapter_metadata={"r": 4, "lora_alpha": 4},
+    )
+    ours, theirs = load_pipeline(tiny_eps, [kohya]), load_pipeline(tiny_eps, [tmp_path / "d" / "pytorch_lora_weights.safetensors"])
+    assert ours.loras[0].tensors.keys() == theirs.loras[0].tensors.keys()
+    set_lora_weights(ours, (1.0,))
+    set_lora_weights(theirs, (1.0,))
+    for a, b in ((ours.pipe.unet, theirs.pipe.unet), (ours.pipe.text_encoder, theirs.pipe.text_encoder)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    np.testing.assert_array_equal(_pixels(_generate(ours)), _pixels(_generate(theirs)))
 
 
 def test_infotext_parses_back_to_the_same_job(eps_with_lora, tmp_path):
