@@ -46,7 +46,10 @@ def parse_axis(spec: str) -> Axis:
 
 
 def axis_label(axis: Axis, value) -> str:
-    return str(value) if axis.name == "prompt" else f"{axis.name}: {value:g}" if isinstance(value, float) else f"{axis.name}: {value}"
+    """``cfg: 7.5``, ``steps: 20``; a prompt is its own label."""
+    if axis.name == "prompt":
+        return str(value)
+    return f"{axis.name}: {value:g}" if isinstance(value, float) else f"{axis.name}: {value}"
 
 
 def wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:

@@ -59,8 +59,10 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     prompt_lines: list[str] = []
     negative_lines: list[str] = []
     for line in lines:
-        if negative_lines or line.startswith(NEGATIVE_PREFIX):
-            negative_lines.append(line.removeprefix(NEGATIVE_PREFIX).strip() if not negative_lines else line)
+        if not negative_lines and line.startswith(NEGATIVE_PREFIX):
+            negative_lines.append(line.removeprefix(NEGATIVE_PREFIX).strip())
+        elif negative_lines:  # everything after the negative prompt's first line belongs to it
+            negative_lines.append(line)
         else:
             prompt_lines.append(line)
     params = {}

@@ -291,7 +291,7 @@ def test_single_file_markers_are_read_and_loading_says_not_yet(tmp_path):
         load_pipeline(marked)
 
 
-def test_cli_grid_compare_and_prompt_file(tiny_eps, tiny_lora, tmp_path, capsys):
+def test_cli_grid_compare_and_prompt_file(tiny_eps, tiny_v, tiny_lora, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n\na blue circle\n")
     out = tmp_path / "out"
@@ -313,6 +313,14 @@ def test_cli_grid_compare_and_prompt_file(tiny_eps, tiny_lora, tmp_path, capsys)
     compare = Image.open(out / "compare-0000.png")
     assert compare.width > 2 * 64 and compare.height > 2 * 64
     assert "compare-0000.png" in capsys.readouterr().out
+
+    # A full fine-tune against another base folder: no LoRA involved.
+    assert cli.main(["sample", "--model", str(tiny_eps), "--compare", str(tiny_v), "--prompt", "a red square",
+                     "--steps", "2", "--seed", "1", "--out", str(out)]) == 0
+    assert Image.open(out / "compare-0001.png").height > 64
+    sides = [read_png_parameters(p) for p in sorted(out.glob("0*-1.png"))]
+    assert sorted(parse_parameters(text)[2]["Model"] for text in sides) == ["tiny-eps", "tiny-v"]
+    assert len({job_from_parameters(text) for text in sides}) == 1  # the same settings on both sides
 
     assert cli.main(["sample", "--model", str(tiny_eps), "--prompt", "x", "--compare", "--out", str(out)]) == 1
     assert "add --lora" in capsys.readouterr().err
