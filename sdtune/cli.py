@@ -1,4 +1,4 @@
-"""The ``sdtune`` command: ``make-tiny``, ``train``, ``export`` (LoRA and checkpoint conversions), ``inspect``."""
+"""The ``sdtune`` command: ``make-tiny``, ``train``, ``sample``, ``export`` (LoRA and checkpoint conversions), ``inspect``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--seed", type=int, default=0)
 
     commands.add_parser("train", help="train from a recipe (same as sdtune/train.py)", add_help=False)
+    commands.add_parser("sample", help="generate images, X/Y grids and base-vs-fine-tune comparisons", add_help=False)
 
     export = commands.add_parser("export", help="convert LoRAs and checkpoints into files the UIs load")
     kinds = export.add_subparsers(dest="kind", required=True)
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         from sdtune.train import main as train_main
 
         return _run(lambda: train_main(argv[1:]))
+    if argv[:1] == ["sample"]:
+        from sdtune.sample import main as sample_main
+
+        return _run(lambda: sample_main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "make-tiny":
         from sdtune.tiny import make_tiny
