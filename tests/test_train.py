@@ -142,7 +142,7 @@ def test_second_run_encodes_nothing_and_a_changed_image_only_itself(tiny_v, smal
         im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
     changed = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=third"))
     assert (changed.latent_cache.encoded, changed.latent_cache.reused) == (1, 7)
-    other_resolution = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=fourth", "data.resolution=72"))
+    other_resolution = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=fourth", "data.resolution=72", "data.bucket_step=8"))
     assert other_resolution.latent_cache.encoded == 8
 
 
