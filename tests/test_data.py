@@ -158,6 +158,14 @@ def test_every_image_lands_in_exactly_one_bucket_and_batches_never_mix(tmp_path)
     assert epoch0 != epoch1
     assert list(BucketBatchSampler(buckets, 4, seed=7)) == epoch0  # determined by the seed
     assert list(BucketBatchSampler(buckets, 4, seed=8)) != epoch0
+    # Under accelerate each process gets whole batches, so no batch mixes buckets there either.
+    from accelerate.data_loader import BatchSamplerShard
+
+    shards = [list(BatchSamplerShard(BucketBatchSampler(buckets, 4, seed=7), 2, rank)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    for shard in shards:
+        assert all(len({buckets[i] for i, _ in batch}) == 1 for batch in shard)
+    assert {i for shard in shards for batch in shard for i, _ in batch} == set(range(60))
     # Bucket assignment and crops are the same on a second scan.
     again = plan_dataset([Source(str(tmp_path))], SPEC, flip=True)
     assert [(i.sample.name, i.crop) for i in again.train] == [(i.sample.name, i.crop) for i in plan.train]

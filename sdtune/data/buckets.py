@@ -53,8 +53,13 @@ class BucketBatchSampler:
     per-epoch choices (tag order) that depend only on the seed, also in workers.
     """
 
+    # Batches vary in size (a bucket's last one is short). accelerate shards a batch
+    # sampler whole batch by whole batch only when its batch_size is None; with a
+    # number it would pad short batches with items of other buckets.
+    batch_size = None
+
     def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int):
-        self.buckets, self.batch_size, self.seed = buckets, batch_size, seed
+        self.buckets, self.max_batch, self.seed = buckets, batch_size, seed
         self.epoch = 0
 
     def batches(self, epoch: int) -> list[list[int]]:
@@ -66,7 +71,7 @@ class BucketBatchSampler:
         for bucket in sorted(groups):
             members = groups[bucket]
             rng.shuffle(members)
-            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            batches += [members[i : i + self.max_batch] for i in range(0, len(members), self.max_batch)]
         rng.shuffle(batches)
         return batches
 
@@ -79,4 +84,4 @@ class BucketBatchSampler:
         counts: dict[tuple[int, int], int] = {}
         for bucket in self.buckets:
             counts[bucket] = counts.get(bucket, 0) + 1
-        return sum(math.ceil(n / self.batch_size) for n in counts.values())
+        return sum(math.ceil(n / self.max_batch) for n in counts.values())

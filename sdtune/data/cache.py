@@ -152,18 +152,19 @@ def cache_text(
 ) -> tuple[list[Path], CacheStats]:
     """Make sure every caption has a cached text-encoder output; return their paths."""
     stats = CacheStats()
-    ids = tokenize(tokenizer, captions)
-    paths, missing, seen = [], [], set()
-    for row in ids:
+    unique = list(dict.fromkeys(captions))  # the same caption twice (repeats) is tokenized and encoded once
+    paths_of, missing, seen = {}, [], set()
+    for caption, row in zip(unique, tokenize(tokenizer, unique)):
         path = entry_path(cache_dir, "text", _key("text", CACHE_VERSION, text_encoder_id, row.numpy().tobytes()))
-        paths.append(path)
+        paths_of[caption] = path
         if path in seen:
-            continue  # the same caption twice is encoded once
+            continue  # different captions can share token ids (the part past 77 tokens is cut)
         seen.add(path)
         if path.is_file():
             stats.reused += 1
         else:
             missing.append((row, path))
+    paths = [paths_of[caption] for caption in captions]
     rank, world = shard
     todo = missing[rank::world]
     text_encoder = text_encoder.to(device)

@@ -136,8 +136,8 @@ def plan_dataset(
             continue
         views = [base, Item(sample, digest, place_crop(info, bucket, x, y, flip=True))] if flip else [base]
         train += views * sample.repeats
-    cut = truncated(tokenizer, [i.caption for i in train + validation]) if tokenizer is not None else []
-    everything = train + validation
+    captions = list(dict.fromkeys(i.caption for i in train + validation))  # repeats share one count
+    cut = {captions[i] for i in truncated(tokenizer, captions)} if tokenizer is not None else set()
     return DataPlan(
         train=train,
         validation=validation,
@@ -146,7 +146,7 @@ def plan_dataset(
         images=len(kept) - len(validation),
         problems=problems,
         skipped=[p for p in problems if p.kind in BAD_IMAGE],
-        truncated=sorted({everything[i].sample.name for i in cut}),
+        truncated=sorted({i.sample.name for i in train + validation if i.caption in cut}),
     )
 
 
