@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,15 +41,13 @@ def inspect_image(data: bytes) -> ImageInfo | tuple[str, str]:
     if not data:
         return ("empty", "0 bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                orientation = image.getexif().get(0x0112, 1)
-                image.load()
-                width, height = image.size
+        with Image.open(io.BytesIO(data)) as image:
+            orientation = image.getexif().get(0x0112, 1)
+            image.load()
+            width, height = image.size
     except Image.UnidentifiedImageError:
         return ("not_image", "not an image Pillow can read")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return ("unreadable", str(exc) or type(exc).__name__)
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
