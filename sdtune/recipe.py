@@ -69,15 +69,80 @@ class ModelSection(_Section):
         return self
 
 
+class SourceSection(_Section):
+    path: str = Field(
+        description="A folder of images with .txt/.caption files (kohya `N_name` subfolders repeat N times), "
+        "a folder with metadata.jsonl/metadata.csv, a `datasets` save_to_disk folder, or a `datasets` name "
+        "found in the local cache."
+    )
+    kind: Literal["auto", "folder", "metadata", "hf"] = Field(
+        "auto", description="How to read `path`; `auto` tells the formats apart by the files in it."
+    )
+    repeats: int = Field(1, ge=1, description="Times each image of this source is seen per epoch (times any kohya folder repeats).")
+    prefix: str = Field("", description="Put in front of every caption of this source, e.g. a trigger word; tag shuffling leaves it first.")
+    caption_column: str = Field("text", description="Caption column of metadata.jsonl/csv or of a `datasets` dataset.")
+    image_column: str = Field("image", description="Image column of a `datasets` dataset (Image feature, bytes or file paths).")
+    split: str = Field("train", description="Split of a `datasets` dataset.")
+    caption_extensions: list[str] = Field(
+        [".txt", ".caption"], min_length=1, description="Caption file suffixes of a folder, tried in this order."
+    )
+
+
 class DataSection(_Section):
-    path: str = Field("datasets/sample", description="Folder of images, each with a same-stem .txt caption.")
+    path: str | None = Field(
+        None,
+        description="Shorthand for one folder source with defaults; `datasets/sample` when neither "
+        "this nor data.sources is given.",
+    )
+    sources: list[SourceSection] = Field(
+        [], description="Several sources at once, each with its own repeats, prefix and columns; instead of data.path."
+    )
     resolution: int = Field(
         512,
-        description="Training side in pixels: images are resized on the shorter side "
-        "and center-cropped to a square. A multiple of 8 (the VAE's downsampling).",
+        description="Training resolution: buckets have an area of at most resolution^2. "
+        "A multiple of data.bucket_step.",
+    )
+    bucket_step: int = Field(
+        64, ge=8, description="Bucket sides are multiples of this (a multiple of 8, the VAE's downsampling)."
+    )
+    bucket_min_side: int | None = Field(None, ge=8, description="Shortest bucket side; null: resolution / 2.")
+    bucket_max_side: int | None = Field(None, ge=8, description="Longest bucket side; null: resolution * 2.")
+    max_aspect_ratio: float = Field(
+        2.0, ge=1.0, description="Longest/shortest side of the most elongated bucket; 1 trains square center crops only."
+    )
+    max_upscale: float = Field(
+        1.0,
+        ge=1.0,
+        description="An image that must be enlarged more than this to fill its bucket is reported as too small.",
+    )
+    crop: Literal["center", "random"] = Field(
+        "center", description="Where the bucket is cut from the resized image; `random` picks one place per image and seed."
+    )
+    flip: bool = Field(
+        False, description="Also train every image mirrored (cached as its own latent). Not for captions that say left/right."
     )
     caption_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Probability of training a sample with the empty caption (for CFG)."
+    )
+    shuffle_tags: bool = Field(
+        False,
+        description="Shuffle comma-separated tags every epoch; the frozen text encoder then runs each step "
+        "(its outputs cannot be cached).",
+    )
+    keep_tokens: int = Field(0, ge=0, description="Tags at the front of a caption that shuffling leaves in place.")
+    missing_caption: Literal["fail", "empty", "filename"] = Field(
+        "fail", description="Image without a caption: stop and list them, train with an empty caption, or use the file name."
+    )
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail",
+        description="Unreadable, truncated, empty, too small or extreme images: stop and list them, or train "
+        "without them and write the list to <output.dir>/<output.name>.skipped.tsv.",
+    )
+    validation_split: float = Field(
+        0.0, ge=0.0, description="Images held out of training: a fraction (below 1) or a count."
+    )
+    split_seed: int = Field(
+        0, description="Seed of the validation split, apart from train.seed so that every run holds out the same images."
     )
     cache_dir: str | None = Field(
         None,
@@ -92,6 +157,28 @@ class DataSection(_Section):
         if value < 64 or value % 8:
             raise ValueError(f"data.resolution must be a multiple of 8 and at least 64, got {value}")
         return value
+
+    @field_validator("validation_split")
+    @classmethod
+    def _count_or_fraction(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"data.validation_split is a fraction below 1 or a whole count, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _sources_and_buckets(self) -> DataSection:
+        if self.path is not None and self.sources:
+            raise ValueError("give data.path (one folder) or data.sources (a list), not both")
+        if self.path is None and not self.sources:
+            self.path = "datasets/sample"
+        if self.bucket_step % 8:
+            raise ValueError(f"data.bucket_step must be a multiple of 8 (the VAE's downsampling), got {self.bucket_step}")
+        if self.resolution % self.bucket_step:
+            raise ValueError(
+                f"data.resolution {self.resolution} is not a multiple of data.bucket_step {self.bucket_step}; "
+                f"set data.bucket_step: 8 (or another divisor) or a resolution that is a multiple of it"
+            )
+        return self
 
 
 class LoraSection(_Section):
@@ -331,24 +418,46 @@ def _describe(err: dict[str, Any]) -> str:
 def _valid_keys(section_path: list[str]) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in section_path:
+        if part.isdigit():  # an item of a list of sections (data.sources.0)
+            continue
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        annotation = _section_model(field.annotation) if field is not None else None
+        if annotation is None:
             return []
-        model = field.annotation
+        model = annotation
     return list(model.model_fields)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field that holds one, or a list of them."""
+    if getattr(annotation, "__origin__", None) is list:
+        annotation = annotation.__args__[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def reference_markdown() -> str:
     """The field reference of docs/recipes.md, made from the models themselves so it cannot drift."""
     lines: list[str] = []
+    lists: list[tuple[str, type[BaseModel]]] = []
     for section, holder in Recipe.model_fields.items():
-        lines += [f"### `{section}`", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        lines += _field_table(f"`{section}`", section, holder.annotation)
         for name, field in holder.annotation.model_fields.items():
-            default = json.dumps(field.get_default(call_default_factory=True))
-            kind = _type_name(field.annotation).replace("|", "\\|")
-            lines.append(f"| `{section}.{name}` | {kind} | `{default}` | {field.description} |")
-        lines.append("")
+            item = _section_model(field.annotation)
+            if item is not None:
+                lists.append((f"{section}.{name}[]", item))
+    for dotted, model in lists:
+        lines += _field_table(f"`{dotted}` (each item)", dotted, model)
     return "\n".join(lines)
+
+
+def _field_table(title: str, prefix: str, model: type[BaseModel]) -> list[str]:
+    lines = [f"### {title}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        default = "required" if field.is_required() else f"`{json.dumps(field.get_default(call_default_factory=True))}`"
+        kind = _type_name(field.annotation).replace("|", "\\|")
+        lines.append(f"| `{prefix}.{name}` | {kind} | {default} | {field.description} |")
+    lines.append("")
+    return lines
 
 
 def _type_name(annotation: Any) -> str:

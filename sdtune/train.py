@@ -35,10 +35,11 @@ from transformers.utils import logging as transformers_logging
 
 from sdtune import atomic, training_state
 from sdtune.adapters import add_lora, trainable_parameters
-from sdtune.data.batches import ShuffledBatches
-from sdtune.data.cache import CachedDataset, CacheStats, cache_latents, cache_text, default_cache_dir
+from sdtune.data.buckets import BucketBatchSampler
+from sdtune.data.cache import CachedDataset, CacheStats, cache_latents, cache_text, default_cache_dir, summed
 from sdtune.data.captions import drop_captions, tokenize
-from sdtune.data.sources import scan_folder
+from sdtune.data.plan import BucketSpec, DataPlan, plan_dataset, skipped_report, warnings_for
+from sdtune.data.sources import Source
 from sdtune.diffusion import (
     Objective,
     denoising_loss,
@@ -53,7 +54,7 @@ from sdtune.export.kohya import check_sd2_text_encoder_targets, kohya_state_dict
 from sdtune.export.metadata import lora_metadata
 from sdtune.models import encode_prompts, load_components, set_attention
 from sdtune.optim import make_lr_scheduler, make_optimizer
-from sdtune.recipe import Recipe, load_recipe
+from sdtune.recipe import DataSection, Recipe, load_recipe
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_demo.yaml"
 MAX_SKIPPED_BATCHES = 20
@@ -66,7 +67,7 @@ class TrainResult:
     output: Path  # the LoRA file, or a full fine-tune's single file (its diffusers folder when that is the only format)
     losses: list[float]  # one per micro-batch
     latent_cache: CacheStats
-    text_cache: CacheStats | None  # None when the text encoder trains (no text cache)
+    text_cache: CacheStats | None  # None when the text encoder runs in the loop (it trains, or tags are shuffled)
     unet: torch.nn.Module  # as trained (with its LoRA layers), for callers that go on using it
     text_encoder: torch.nn.Module
     steps: int  # optimizer steps done when the run ended
@@ -112,36 +113,52 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, unet_dtype, model.allow_pickle)
     if train_te:
         check_sd2_text_encoder_targets(lora.text_encoder_target_modules, parts.base_model_version)
-    samples = scan_folder(data.path)
-    captions = [s.caption for s in samples]
+    # The scan: every file is checked and bucketed before any work; problems stop the
+    # run here with the full list, or are skipped and written down (data.on_bad_image).
+    plan = plan_data(data, opt.seed, parts.tokenizer)
     if is_main:
-        print(f"sdtune: {len(samples)} images from {data.path}; base {parts.name} ({parts.base_model_version})")
+        print(f"sdtune: {plan.images} images ({len(plan.train)} per epoch) from {', '.join(plan.sources)}; base {parts.name} ({parts.base_model_version})")
+        for line in warnings_for(plan):
+            print(f"sdtune: {line}", file=sys.stderr)
+        if plan.skipped:
+            atomic.write_text(out_dir / f"{out.name}.skipped.tsv", skipped_report(plan))
 
     # Caches: each process encodes its share of what is missing; the frozen
-    # encoders leave the device once they are built.
+    # encoders leave the device once they are built. Held-out images are cached
+    # too, for validation.
     cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     shard = (accelerator.process_index, accelerator.num_processes)
-    latent_paths, latent_stats = cache_latents(
-        [s.image for s in samples], parts.vae, parts.vae_sha256, data.resolution, cache_dir, device, shard=shard, show_progress=is_main
-    )
+    items = plan.train + plan.validation
+    latent_paths, latent_stats = cache_latents(items, parts.vae, parts.vae_sha256, cache_dir, device, shard=shard, show_progress=is_main)
+    latent_paths = latent_paths[: len(plan.train)]
     text_stats = None
-    if train_te:
-        dataset = CachedDataset(latent_paths, input_ids=tokenize(parts.tokenizer, captions))
+    # Shuffled tags make a new caption each epoch, so the text encoder then runs in the loop.
+    text_in_loop = train_te or data.shuffle_tags
+    if text_in_loop:
+        dataset = CachedDataset(
+            latent_paths, captions=[i.sample.caption for i in plan.train], tokenizer=parts.tokenizer,
+            prefixes=[i.sample.prefix for i in plan.train], shuffle=data.shuffle_tags, keep_tokens=data.keep_tokens, seed=opt.seed,
+        )
         empty_conditioning = tokenize(parts.tokenizer, [""])[0]
+        if not train_te:
+            parts.text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
     else:
         text_paths, text_stats = cache_text(
-            captions + [""], parts.tokenizer, parts.text_encoder, parts.text_encoder_sha256, cache_dir, device, shard=shard, show_progress=is_main
+            [i.caption for i in items] + [""], parts.tokenizer, parts.text_encoder, parts.text_encoder_sha256, cache_dir, device, shard=shard, show_progress=is_main
         )
         accelerator.wait_for_everyone()
         empty_conditioning = load_file(text_paths[-1])["hidden_states"]
-        dataset = CachedDataset(latent_paths, text_paths=text_paths[:-1])
+        dataset = CachedDataset(latent_paths, text_paths=text_paths[: len(plan.train)])
         parts.text_encoder.to("cpu")
     accelerator.wait_for_everyone()
     parts.vae.to("cpu")
-    latent_stats = _summed(accelerator, latent_stats)
-    text_stats = _summed(accelerator, text_stats) if text_stats else None
+    latent_stats = summed(latent_stats, accelerator)
+    text_stats = summed(text_stats, accelerator) if text_stats else None
     if is_main:
-        print(f"sdtune: latent cache {latent_stats.encoded} encoded, {latent_stats.reused} reused ({cache_dir})")
+        print(
+            f"sdtune: latent cache {latent_stats.encoded} encoded, {latent_stats.reused} reused, "
+            f"{latent_stats.invalidated} invalidated ({cache_dir})"
+        )
         if text_stats:
             print(f"sdtune: text cache {text_stats.encoded} encoded, {text_stats.reused} reused")
 
@@ -176,10 +193,11 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         opt.lr_num_cycles,
         opt.lr_power,
     )
-    # The loader is not handed to accelerate: our sampler shards it and fixes the
-    # order (for exact resume), and accumulation counts only micro-batches.
-    order = ShuffledBatches(
-        len(dataset), opt.batch_size, opt.seed, len(dataset) >= opt.batch_size, accelerator.process_index, accelerator.num_processes
+    # Each batch comes from one bucket (its latents share a size), in an order fixed
+    # by the seed. The loader is not handed to accelerate: the sampler shards it and
+    # fixes the order (for exact resume), and accumulation counts only micro-batches.
+    order = BucketBatchSampler(
+        [i.crop.bucket for i in plan.train], opt.batch_size, opt.seed, accelerator.process_index, accelerator.num_processes
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -187,6 +205,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         num_workers=data.num_workers,
         persistent_workers=data.num_workers > 0,
         pin_memory=device.type == "cuda",
+        # Its own generator: starting an epoch would otherwise draw from the global
+        # RNG, which a resumed run restores mid-epoch, shifting all noise after it.
+        generator=torch.Generator().manual_seed(opt.seed),
     )
     trained = [unet, text_encoder] if train_te else [unet]
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
@@ -227,9 +248,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         while step < opt.max_steps:
             epoch, batch_in_epoch, batch = next(batches)
             with accelerator.accumulate(*trained):
-                if train_te:
+                if text_in_loop:
                     ids = drop_captions(batch["input_ids"], empty_conditioning, data.caption_dropout)
-                    conditioning = encode_prompts(trained[1], ids)
+                    conditioning = encode_prompts(trained[1] if train_te else text_encoder, ids)
                 else:
                     conditioning = drop_captions(batch["encoder_hidden_states"], empty_conditioning, data.caption_dropout)
                 latents = sample_latents(batch["mean"], batch["std"], scaling)
@@ -271,7 +292,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 here = training_state.Position(step, epoch, batch_in_epoch, accelerator.step)
                 saved = _save_checkpoint(out_dir, here, models, optimizer, lr_scheduler, ema, accelerator, recipe, params)
                 if ckpt.export and accelerator.is_main_process:
-                    _export(out_dir / f"{out.name}-step{step:06d}", models, ema, params, parts, recipe, step, len(samples))
+                    _export(out_dir / f"{out.name}-step{step:06d}", models, ema, params, parts, recipe, step, plan.images)
                 if stop.signal is not None:
                     bar.close()
                     if is_main:
@@ -287,7 +308,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if skipped and is_main:
         print(f"sdtune: skipped {skipped} batches with a non-finite loss")
     if accelerator.is_main_process:
-        written = _export(out_dir / out.name, models, ema, params, parts, recipe, step, len(samples))
+        written = _export(out_dir / out.name, models, ema, params, parts, recipe, step, plan.images)
         atomic.write_text(out_dir / f"{out.name}.recipe.yaml", recipe.to_yaml())
         elapsed = time.perf_counter() - started
         print(f"sdtune: trained {step - position.step} steps in {elapsed:.1f}s ({(step - position.step) / elapsed:.2f} steps/s)")
@@ -412,7 +433,7 @@ def _resume(path: Path, recipe: Recipe, models: dict, optimizer, lr_scheduler, e
     return position
 
 
-def _batches(loader, order: ShuffledBatches, position: training_state.Position, device: torch.device):
+def _batches(loader, order: BucketBatchSampler, position: training_state.Position, device: torch.device):
     """(epoch, batches of it consumed, batch on device) forever, from where ``position`` says."""
     epoch, consumed = position.epoch, position.batch_in_epoch
     if consumed >= len(loader):
@@ -431,9 +452,26 @@ def _floats(losses: list[torch.Tensor]) -> list[float]:
 
 
 
-def _summed(accelerator: Accelerator, stats: CacheStats) -> CacheStats:
-    counts = accelerator.reduce(torch.tensor([stats.encoded, stats.reused], device=accelerator.device), reduction="sum")
-    return CacheStats(encoded=int(counts[0]), reused=int(counts[1]) // accelerator.num_processes)
+def plan_data(data: DataSection, seed: int, tokenizer=None) -> DataPlan:
+    """The recipe's data section as a scanned, bucketed plan (also `sdtune data` and `sdtune cache`)."""
+    if data.sources:
+        sources = [Source(**{**s.model_dump(), "caption_extensions": tuple(s.caption_extensions)}) for s in data.sources]
+    else:
+        sources = [Source(data.path)]
+    spec = BucketSpec(data.resolution, data.bucket_step, data.bucket_min_side, data.bucket_max_side, data.max_aspect_ratio)
+    return plan_dataset(
+        sources,
+        spec,
+        missing_caption=data.missing_caption,
+        on_bad_image=data.on_bad_image,
+        max_upscale=data.max_upscale,
+        crop=data.crop,
+        flip=data.flip,
+        validation_split=data.validation_split,
+        split_seed=data.split_seed,
+        seed=seed,
+        tokenizer=tokenizer,
+    )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -142,7 +142,7 @@ def test_second_run_encodes_nothing_and_a_changed_image_only_itself(tiny_v, smal
         im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
     changed = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=third"))
     assert (changed.latent_cache.encoded, changed.latent_cache.reused) == (1, 7)
-    other_resolution = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=fourth", "data.resolution=72"))
+    other_resolution = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=fourth", "data.resolution=72", "data.bucket_step=8"))
     assert other_resolution.latent_cache.encoded == 8
 
 
@@ -304,21 +304,23 @@ def _resume_args(model, data, out, cache, *extra):
 
 
 def test_resume_from_a_checkpoint_is_bit_exact(tiny_v, small_dataset, tmp_path):
-    """8 steps straight (checkpoints at 3 and 6) vs. resuming the step-3 checkpoint
-    in another folder: the same final weights, bit for bit. 8 images in batches of
-    3 with accumulation 2 puts checkpoints mid-epoch and epoch ends mid-accumulation."""
+    """8 steps straight (checkpoints every 2) vs. resuming the step-2 checkpoint in
+    another folder: the same final weights, bit for bit. 8 images in batches of 3
+    (3, 3, 2) with accumulation 2 puts step 2 mid-epoch (batch 1 of epoch 1)."""
     import shutil
 
     cache = tmp_path / "cache"
-    straight = main(_resume_args(tiny_v, small_dataset, tmp_path / "a", cache, "train.max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep_last=5"))
+    straight = main(_resume_args(tiny_v, small_dataset, tmp_path / "a", cache, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=5"))
     saved = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
-    assert saved == ["step-00000003", "step-00000006"]
-    assert (tmp_path / "a" / "tiny-demo-step000003.safetensors").is_file()
+    assert saved == ["step-00000002", "step-00000004", "step-00000006"]
+    assert (tmp_path / "a" / "tiny-demo-step000002.safetensors").is_file()
+    position = json.loads((tmp_path / "a" / "checkpoints" / "step-00000002" / "position.json").read_text())
+    assert (position["epoch"], position["batch_in_epoch"]) == (1, 1)
 
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000003", tmp_path / "b" / "checkpoints" / "step-00000003")
-    resumed = main([*_resume_args(tiny_v, small_dataset, tmp_path / "b", cache, "train.max_steps=8", "checkpoint.every_steps=3"), "--resume", "latest"])
-    assert resumed.steps == 8 and len(resumed.losses) == 10  # 5 steps x 2 micro-batches
-    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), rtol=0, atol=0)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
+    resumed = main([*_resume_args(tiny_v, small_dataset, tmp_path / "b", cache, "train.max_steps=8", "checkpoint.every_steps=2"), "--resume", "latest"])
+    assert resumed.steps == 8 and len(resumed.losses) == 12  # 6 steps x 2 micro-batches
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses[4:]), rtol=0, atol=0)
     a, _ = read_lora(straight.output)
     b, _ = read_lora(resumed.output)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

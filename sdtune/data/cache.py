@@ -1,17 +1,20 @@
 """Content-addressed caches of VAE latents and frozen text-encoder outputs.
 
 One safetensors file per entry, named by the SHA-256 of everything that
-determines it (image bytes + VAE weights + resolution for latents; token ids +
-text-encoder weights for text), so a second run, or another recipe over the
-same images, finds its entries and encodes nothing again; a changed image or
-VAE simply gets a new key. Latents keep the VAE's posterior mean and std so
-training can sample from it, as the VAE intends.
+determines it (image bytes + VAE weights + bucket, resize, crop and flip for
+latents; token ids + text-encoder weights for text), so a second run, or another
+recipe over the same images, finds its entries and encodes nothing again; a
+changed image or VAE simply gets a new key. Latents keep the VAE's posterior
+mean and std so training can sample from it, as the VAE intends. A small
+manifest remembers each image's last key, only to count invalidations.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +22,29 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from sdtune.atomic import save_safetensors
-from sdtune.data.captions import tokenize
-from sdtune.data.images import load_square
+from sdtune.atomic import save_safetensors, write_text
+from sdtune.data.captions import shuffle_tags, tokenize, with_prefix
+from sdtune.data.images import load_crop
+from sdtune.data.plan import Item
 from sdtune.models import encode_prompts
 
-CACHE_VERSION = "1"  # bump when the entry layout or preprocessing changes
+CACHE_VERSION = "2"  # bump when the entry layout or preprocessing changes
 
 
 @dataclass
 class CacheStats:
-    encoded: int = 0
-    reused: int = 0
+    encoded: int = 0  # misses: entries this run computed
+    reused: int = 0  # hits
+    invalidated: int = 0  # misses whose image had an entry under another key (its bytes, crop or VAE changed)
+
+
+def summed(stats: CacheStats, accelerator) -> CacheStats:
+    """The whole run's counts: every process counts all hits and invalidations, and only its own encodes."""
+    counts = accelerator.reduce(
+        torch.tensor([stats.encoded, stats.reused, stats.invalidated], device=accelerator.device), reduction="sum"
+    )
+    world = accelerator.num_processes
+    return CacheStats(encoded=int(counts[0]), reused=int(counts[1]) // world, invalidated=int(counts[2]) // world)
 
 
 def default_cache_dir() -> Path:
@@ -51,47 +65,78 @@ def _key(*parts: str | bytes) -> str:
     return digest.hexdigest()
 
 
+def latent_key(item: Item, vae_id: str) -> str:
+    """Everything the latent depends on: the image bytes, the VAE, and the bucket, resize, crop and flip."""
+    crop = item.crop
+    geometry = f"{crop.bucket[0]}x{crop.bucket[1]}|{crop.resized[0]}x{crop.resized[1]}|{crop.left},{crop.top}|{int(crop.flip)}"
+    return _key("latent", CACHE_VERSION, item.sha256, vae_id, geometry)
+
+
 def cache_latents(
-    images: list[Path],
+    items: list[Item],
     vae,
     vae_id: str,
-    resolution: int,
     cache_dir: Path,
     device: torch.device,
     batch_size: int = 8,
     shard: tuple[int, int] = (0, 1),
     show_progress: bool = True,
 ) -> tuple[list[Path], CacheStats]:
-    """Make sure every image has a latent entry; return their paths (in ``images`` order).
+    """Make sure every item has a latent entry; return their paths (in ``items`` order).
 
-    With ``shard=(rank, world)`` this process encodes only its share of the
-    missing entries; the caller waits for all processes before reading.
+    Repeats share one entry. With ``shard=(rank, world)`` this process encodes only
+    its share of the missing entries; the caller waits for all processes before
+    reading. ``encoded`` counts this process's work; ``reused`` and ``invalidated``
+    count the whole dataset, the same in every process.
     """
     stats = CacheStats()
-    paths, missing = [], []
-    for image in images:
-        key = _key("latent", CACHE_VERSION, hashlib.sha256(image.read_bytes()).hexdigest(), vae_id, str(resolution))
+    manifest_path = Path(cache_dir) / "manifests" / f"latents-{vae_id[:16]}.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    paths, missing, seen, current = [], [], set(), {}
+    for item in items:
+        key = latent_key(item, vae_id)
         path = entry_path(cache_dir, "latents", key)
         paths.append(path)
+        if key in seen:
+            continue
+        seen.add(key)
+        view = f"{item.sample.name}|flip={int(item.crop.flip)}"
+        current[view] = key
         if path.is_file():
             stats.reused += 1
-        else:
-            missing.append((image, path))
+            continue
+        missing.append((item, path))
+        if manifest.get(view, key) != key:
+            stats.invalidated += 1
     rank, world = shard
     todo = missing[rank::world]
+    # One batch holds one bucket: the pixel tensors must share a size.
+    todo.sort(key=lambda job: job[0].crop.bucket)
     vae = vae.to(device)
     bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress or not todo)
     with torch.no_grad():
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            pixels = torch.stack([load_square(image.read_bytes(), resolution) for image, _ in chunk])
+        for chunk in _same_bucket_chunks(todo, batch_size):
+            pixels = torch.stack([load_crop(item.sample.read(), item.crop) for item, _ in chunk])
             posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
             for i, (_, path) in enumerate(chunk):
                 save_safetensors({"mean": posterior.mean[i].float(), "std": posterior.std[i].float()}, path)
             stats.encoded += len(chunk)
             bar.update(len(chunk))
     bar.close()
+    if rank == 0 and current.items() - manifest.items():
+        write_text(manifest_path, json.dumps(manifest | current, sort_keys=True))
     return paths, stats
+
+
+def _same_bucket_chunks(jobs: list, size: int):
+    start = 0
+    while start < len(jobs):
+        bucket = jobs[start][0].crop.bucket
+        end = start
+        while end < len(jobs) and end - start < size and jobs[end][0].crop.bucket == bucket:
+            end += 1
+        yield jobs[start:end]
+        start = end
 
 
 def cache_text(
@@ -107,18 +152,19 @@ def cache_text(
 ) -> tuple[list[Path], CacheStats]:
     """Make sure every caption has a cached text-encoder output; return their paths."""
     stats = CacheStats()
-    ids = tokenize(tokenizer, captions)
-    paths, missing, seen = [], [], set()
-    for row in ids:
+    unique = list(dict.fromkeys(captions))  # the same caption twice (repeats) is tokenized and encoded once
+    paths_of, missing, seen = {}, [], set()
+    for caption, row in zip(unique, tokenize(tokenizer, unique)):
         path = entry_path(cache_dir, "text", _key("text", CACHE_VERSION, text_encoder_id, row.numpy().tobytes()))
-        paths.append(path)
+        paths_of[caption] = path
         if path in seen:
-            continue  # the same caption twice is encoded once
+            continue  # different captions can share token ids (the part past 77 tokens is cut)
         seen.add(path)
         if path.is_file():
             stats.reused += 1
         else:
             missing.append((row, path))
+    paths = [paths_of[caption] for caption in captions]
     rank, world = shard
     todo = missing[rank::world]
     text_encoder = text_encoder.to(device)
@@ -137,20 +183,45 @@ def cache_text(
 
 class CachedDataset(torch.utils.data.Dataset):
     """Training samples read from the caches: latent mean/std, and either the
-    cached text-encoder output or the token ids (when the text encoder trains)."""
+    cached text-encoder output or token ids (when the text encoder runs in the loop:
+    it trains, or tags are shuffled anew each epoch).
 
-    def __init__(self, latent_paths: list[Path], text_paths: list[Path] | None = None, input_ids=None):
-        if (text_paths is None) == (input_ids is None):
-            raise ValueError("give either cached text paths or token ids")
-        self.latent_paths, self.text_paths, self.input_ids = latent_paths, text_paths, input_ids
+    Indexed by ``(item, epoch)`` pairs from :class:`BucketBatchSampler`; the tag
+    order of an item in an epoch depends only on ``seed``, item and epoch, so it is
+    the same with any number of workers.
+    """
+
+    def __init__(
+        self,
+        latent_paths: list[Path],
+        text_paths: list[Path] | None = None,
+        captions: list[str] | None = None,
+        tokenizer=None,
+        prefixes: list[str] | None = None,
+        shuffle: bool = False,
+        keep_tokens: int = 0,
+        seed: int = 0,
+    ):
+        if (text_paths is None) == (captions is None):
+            raise ValueError("give either cached text paths or captions")
+        self.latent_paths, self.text_paths, self.captions = latent_paths, text_paths, captions
+        self.tokenizer, self.prefixes = tokenizer, prefixes or [""] * len(latent_paths)
+        self.shuffle, self.keep_tokens, self.seed = shuffle, keep_tokens, seed
 
     def __len__(self) -> int:
         return len(self.latent_paths)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def caption(self, index: int, epoch: int) -> str:
+        caption, prefix = self.captions[index], self.prefixes[index]
+        if self.shuffle:
+            return shuffle_tags(caption, self.keep_tokens, random.Random(f"{self.seed}:{epoch}:{index}"), prefix)
+        return with_prefix(caption, prefix)
+
+    def __getitem__(self, draw: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, epoch = draw if isinstance(draw, tuple) else (draw, 0)
         item = load_file(self.latent_paths[index])
         if self.text_paths is not None:
             item["encoder_hidden_states"] = load_file(self.text_paths[index])["hidden_states"]
         else:
-            item["input_ids"] = self.input_ids[index]
+            item["input_ids"] = tokenize(self.tokenizer, [self.caption(index, epoch)])[0]
         return item

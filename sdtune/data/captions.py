@@ -1,9 +1,31 @@
-"""Captions to token ids, and caption dropout for classifier-free guidance."""
+"""Captions to token ids: prefix, tag shuffling, truncation, and dropout for CFG."""
 
 from __future__ import annotations
 
+import random
+
 import torch
 from transformers import CLIPTokenizer
+
+
+def with_prefix(caption: str, prefix: str) -> str:
+    """The source's trigger word / prefix in front, as its own comma-separated tag."""
+    if not prefix:
+        return caption
+    return f"{prefix}, {caption}" if caption else prefix
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random, prefix: str = "") -> str:
+    """Shuffle the comma-separated tags of ``caption``, keeping the first ``keep_tokens``
+    tags (kohya's name) and the source prefix in place, so a trigger word stays first.
+
+    Shuffling teaches the model that tag order carries no meaning; a caption
+    without commas is one tag and comes back unchanged.
+    """
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(rest)
+    return with_prefix(", ".join(fixed + rest), prefix)
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -15,6 +37,13 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def truncated(tokenizer: CLIPTokenizer, captions: list[str]) -> list[int]:
+    """Indices of the captions longer than the tokenizer's window (77 tokens with
+    start and end), whose ends the text encoder never sees."""
+    lengths = tokenizer(captions, truncation=False, padding=False, verbose=False)["input_ids"]
+    return [i for i, ids in enumerate(lengths) if len(ids) > tokenizer.model_max_length]
 
 
 def drop_captions(conditioning: torch.Tensor, empty: torch.Tensor, probability: float, generator=None) -> torch.Tensor:

@@ -1,36 +1,266 @@
-"""Find the training samples: images with same-stem caption files in a folder."""
+"""Find the training samples in the formats people already have on disk.
+
+- a folder of images with same-stem caption files (``.txt``, or ``.caption`` as
+  kohya accepts), searched recursively; a subfolder named ``N_name`` repeats its
+  images N times (kohya's convention);
+- a folder with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + a caption
+  column: the Hugging Face imagefolder convention);
+- a Hugging Face ``datasets`` dataset: a ``save_to_disk`` folder, or a name that
+  ``datasets.load_dataset`` resolves (from its local cache when offline).
+
+Nothing here decodes an image. Problems a source can see by itself (an image
+without a caption, a caption without an image, a caption that is not UTF-8) are
+returned as :class:`Problem` values next to the samples, so the caller can report
+all of them at once instead of stopping at the first.
+"""
 
 from __future__ import annotations
 
+import csv
+import functools
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+KOHYA_REPEATS = re.compile(r"^(\d+)_.+")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place samples come from, with what applies to all of them."""
+
+    path: str
+    kind: str = "auto"  # auto | folder | metadata | hf
+    repeats: int = 1
+    prefix: str = ""  # trigger word / caption prefix, always first in the caption
+    caption_column: str = "text"  # metadata and hf
+    image_column: str = "image"  # hf
+    split: str = "train"  # hf
+    caption_extensions: tuple[str, ...] = (".txt", ".caption")  # folder
 
 
 @dataclass(frozen=True)
 class Sample:
-    image: Path
+    name: str  # where it came from, for messages: a file path or "<dataset>[row]"
     caption: str
+    read: Callable[[], bytes]  # the encoded image file's bytes (png, jpeg, ...)
+    repeats: int = 1
+    prefix: str = ""
 
 
-def scan_folder(folder: str | Path) -> list[Sample]:
-    """Every image under ``folder`` (recursively) with its ``<stem>.txt`` caption, sorted by path.
+@dataclass(frozen=True)
+class Problem:
+    name: str  # the file (or dataset row) it concerns
+    kind: str  # one of PROBLEM_KINDS
+    detail: str = ""
 
-    Images without a caption are an error that lists them all, before any work:
-    a sample silently trained with an empty caption is a quiet way to ruin a run.
+
+# kind -> how it reads in a report. Order is the order of the report.
+PROBLEM_KINDS = {
+    "empty": "zero-byte image files",
+    "not_image": "files with an image extension that are not images",
+    "unreadable": "unreadable or truncated images",
+    "caption_encoding": "captions that are not valid UTF-8",
+    "too_small": "images smaller than their bucket (they would be upscaled)",
+    "extreme_aspect": "images with an extreme aspect ratio (the crop would lose more than half)",
+    "no_caption": "images without a caption",
+    "orphan_caption": "captions without an image",
+}
+
+
+def resolve_kind(source: Source) -> str:
+    if source.kind != "auto":
+        return source.kind
+    path = Path(source.path)
+    if path.is_file() and path.name in METADATA_FILES:
+        return "metadata"
+    if path.is_dir():
+        if any((path / name).is_file() for name in METADATA_FILES):
+            return "metadata"
+        if any((path / name).is_file() for name in HF_MARKERS):
+            return "hf"
+        return "folder"
+    if "/" in source.path and not path.exists() and source.path.count("/") == 1 and not source.path.startswith((".", "/")):
+        return "hf"  # "owner/name": a Hub dataset name, resolved from the local cache
+    raise FileNotFoundError(f"data source {source.path} does not exist; give a folder, a metadata.jsonl/csv or a datasets name")
+
+
+def find_samples(source: Source, missing_caption: str) -> tuple[list[Sample], list[Problem]]:
+    """The samples of one source, sorted, and the problems seen on the way.
+
+    ``missing_caption``: ``fail`` reports images without a caption as problems,
+    ``empty`` trains them with the empty caption, ``filename`` uses the file stem.
     """
-    folder = Path(folder)
+    kind = resolve_kind(source)
+    if kind == "folder":
+        samples, problems = _folder(Path(source.path), source.caption_extensions, missing_caption)
+    elif kind == "metadata":
+        samples, problems = _metadata(Path(source.path), source.caption_column, missing_caption)
+    elif kind == "hf":
+        samples, problems = _hf_dataset(source.path, source.split, source.image_column, source.caption_column)
+    else:
+        raise ValueError(f"data source kind {kind!r} is not one of auto, folder, metadata, hf")
+    samples = [
+        Sample(s.name, s.caption, s.read, s.repeats * source.repeats, source.prefix) for s in samples
+    ]
+    return samples, problems
+
+
+def caption_from_filename(path: Path) -> str:
+    """`a_red-circle.png` -> "a red circle": what `missing_caption: filename` trains with."""
+    return re.sub(r"[_\-]+", " ", path.stem).strip()
+
+
+def _images_under(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"data.path {folder} is not a folder of captioned images")
+        raise FileNotFoundError(f"data source {folder} is not a folder of captioned images")
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise ValueError(f"data.path {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    missing = [p for p in images if not p.with_suffix(".txt").is_file()]
-    if missing:
-        listed = "\n  ".join(str(p) for p in missing[:20])
-        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise ValueError(
-            f"{len(missing)} image(s) in {folder} have no caption file (<stem>.txt):\n  {listed}{more}"
-        )
-    return [Sample(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+        raise ValueError(f"data source {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def _read_caption(path: Path) -> str | Problem:
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        return Problem(str(path), "caption_encoding", f"byte {exc.start}; save it as UTF-8")
+
+
+def _missing(image: Path, policy: str, where: str) -> Sample | Problem:
+    if policy == "fail":
+        return Problem(str(image), "no_caption", where)
+    caption = "" if policy == "empty" else caption_from_filename(image)
+    return Sample(str(image), caption, image.read_bytes)
+
+
+def _kohya_repeats(image: Path, root: Path) -> int:
+    """`10_sks dog/` means 10 repeats; the nearest such folder above the image counts."""
+    for parent in image.relative_to(root).parents:
+        match = KOHYA_REPEATS.match(parent.name)
+        if match:
+            return max(1, int(match.group(1)))
+    return 1
+
+
+def _folder(folder: Path, extensions: tuple[str, ...], missing_caption: str) -> tuple[list[Sample], list[Problem]]:
+    images = _images_under(folder)
+    samples: list[Sample] = []
+    problems: list[Problem] = []
+    for image in images:
+        caption_file = next((image.with_suffix(ext) for ext in extensions if image.with_suffix(ext).is_file()), None)
+        if caption_file is None:
+            found = _missing(image, missing_caption, f"no {' or '.join('<stem>' + e for e in extensions)}")
+        else:
+            found = _read_caption(caption_file)
+            if isinstance(found, str):
+                found = Sample(str(image), found, image.read_bytes)
+        if isinstance(found, Problem):
+            problems.append(found)
+        else:
+            samples.append(Sample(found.name, found.caption, found.read, _kohya_repeats(image, folder)))
+    stems = {image.with_suffix("") for image in images}
+    for ext in extensions:
+        problems += [
+            Problem(str(p), "orphan_caption", "no image with this stem")
+            for p in sorted(folder.rglob(f"*{ext}"))
+            if p.with_suffix("") not in stems
+        ]
+    return samples, problems
+
+
+def _metadata(path: Path, caption_column: str, missing_caption: str) -> tuple[list[Sample], list[Problem]]:
+    folder = path if path.is_dir() else path.parent
+    table = path if path.is_file() else next(folder / name for name in METADATA_FILES if (folder / name).is_file())
+    rows = _metadata_rows(table)
+    captions: dict[Path, str] = {}
+    problems: list[Problem] = []
+    for number, row in enumerate(rows, start=1):
+        if "file_name" not in row or caption_column not in row:
+            missing = "file_name" if "file_name" not in row else caption_column
+            raise ValueError(
+                f"{table} row {number} has no {missing!r} column (columns: {', '.join(row)}); "
+                "set caption_column on the data source to the column that holds the captions"
+            )
+        image = (folder / row["file_name"]).resolve()
+        if not image.is_file():
+            problems.append(Problem(str(folder / row["file_name"]), "orphan_caption", f"named in {table.name} row {number}"))
+            continue
+        captions[image] = str(row[caption_column] or "").strip()
+    samples: list[Sample] = []
+    for image in _images_under(folder):
+        caption = captions.get(image.resolve())
+        if caption is None:
+            found = _missing(image, missing_caption, f"not in {table.name}")
+            if isinstance(found, Problem):
+                problems.append(found)
+                continue
+            samples.append(found)
+        else:
+            samples.append(Sample(str(image), caption, image.read_bytes))
+    return samples, problems
+
+
+def _metadata_rows(table: Path) -> list[dict]:
+    try:
+        text = table.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{table} is not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    if table.suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{table} line {number} is not JSON: {exc.msg}") from None
+    return rows
+
+
+def _hf_dataset(location: str, split: str, image_column: str, caption_column: str) -> tuple[list[Sample], list[Problem]]:
+    import datasets  # slow to import; only needed for this source
+
+    if Path(location).is_dir():
+        table = datasets.load_from_disk(location)
+    else:
+        try:
+            table = datasets.load_dataset(location, split=split)
+        except Exception as exc:  # datasets raises many kinds; all mean "not available here"
+            raise FileNotFoundError(
+                f"datasets could not load {location!r} ({type(exc).__name__}: {exc}); download it once "
+                "with network access, or give the folder written by save_to_disk"
+            ) from None
+    if isinstance(table, datasets.DatasetDict):
+        if split not in table:
+            raise ValueError(f"dataset {location} has splits {list(table)}, not {split!r}; set split on the data source")
+        table = table[split]
+    for column in (image_column, caption_column):
+        if column not in table.column_names:
+            raise ValueError(
+                f"dataset {location} has no column {column!r} (columns: {', '.join(table.column_names)}); "
+                "set image_column / caption_column on the data source"
+            )
+    if isinstance(table.features[image_column], datasets.Image):
+        # Keep the encoded bytes: they are what the cache key hashes, and decoding is ours to do.
+        table = table.cast_column(image_column, datasets.Image(decode=False))
+    captions = table[caption_column]
+    samples = [
+        Sample(f"{location}[{i}]", str(caption or "").strip(), functools.partial(_row_bytes, table, image_column, i))
+        for i, caption in enumerate(captions)
+    ]
+    return samples, []
+
+
+def _row_bytes(table, column: str, index: int) -> bytes:
+    value = table[index][column]
+    if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+        return value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
+    if isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()  # a column of file paths
