@@ -2,21 +2,61 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 ADAPTER = "default"
 
+_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
+# kohya's LoCon set: every Linear/Conv2d of the transformer, resnet and resampling
+# blocks (not conv_in/conv_out or the time embedding MLP).
+_BLOCKS = ["proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+UNET_PRESETS = {
+    "attention": _ATTENTION,
+    "attention+ff": _ATTENTION + _FEED_FORWARD,
+    "locon": _ATTENTION + _FEED_FORWARD + _BLOCKS,
+}
+INITS = {"default": True, "gaussian": "gaussian"}  # both start with lora_up = 0: the model starts as the base
 
-def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> list[str]:
+
+def add_lora(
+    model: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    init: str = "default",
+) -> list[str]:
     """Freeze ``model`` and add a trainable LoRA to every module whose name ends in a target.
 
-    Returns the adapted module names. peft scales the update by ``alpha / rank``,
-    the same rule kohya and both UIs use, so the alpha is exported unchanged.
+    Convolutions with a kernel larger than 1x1 get ``conv_rank``/``conv_alpha``
+    when given (kohya's conv_dim/conv_alpha). Returns the adapted module names.
+    peft scales the update by ``alpha / rank``, the same rule kohya and both UIs
+    use, so the alpha is exported unchanged.
     """
     model.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    rank_pattern, alpha_pattern = {}, {}
+    if conv_rank is not None or conv_alpha is not None:
+        for name, module in model.named_modules():
+            wide_conv = isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
+            if wide_conv and any(name == t or name.endswith("." + t) for t in target_modules):
+                rank_pattern[re.escape(name)] = conv_rank or rank
+                alpha_pattern[re.escape(name)] = conv_alpha or alpha
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        init_lora_weights=INITS[init],
+    )
     try:
         model.add_adapter(config)
     except ValueError as exc:

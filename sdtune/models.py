@@ -32,6 +32,7 @@ class Components:
     # Tensors of a single-file base with no diffusers counterpart (SD 2's unused last
     # OpenCLIP block), carried into single files written from this model.
     ldm_extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    merged_first: str | None = None  # an earlier LoRA merged in before training (lora.merge_first)
 
 
 def load_components(

@@ -187,17 +187,46 @@ class LoraSection(_Section):
         16.0, gt=0, description="LoRA alpha; updates are scaled by alpha/rank (kohya: network_alpha)."
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
-    target_modules: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0"],
-        min_length=1,
-        description="UNet module names (suffixes) that get a LoRA: the attention projections by default.",
+    preset: Literal["attention", "attention+ff", "locon", "custom"] = Field(
+        "attention",
+        description="UNet layers that get a LoRA: `attention` (q/k/v/out), `attention+ff` (and the feed-forward), "
+        "`locon` (every linear and conv of the transformer, resnet and resampling blocks), or `custom` "
+        "(lora.target_modules).",
     )
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="With lora.preset: custom, the UNet module names (suffixes) that get a LoRA."
+    )
+    conv_rank: int | None = Field(None, ge=1, description="Rank of LoRAs on 3x3 convolutions (kohya conv_dim); null: lora.rank.")
+    conv_alpha: float | None = Field(None, gt=0, description="Alpha of LoRAs on 3x3 convolutions (kohya conv_alpha); null: lora.alpha.")
+    init: Literal["default", "gaussian"] = Field(
+        "default", description="LoRA down-projection init: peft's `default` (Kaiming-uniform) or `gaussian`; up starts at 0."
+    )
+    merge_first: str | None = Field(
+        None, description="A kohya LoRA file merged into the base before training, to train a new LoRA on top of it."
+    )
+    merge_first_weight: float = Field(1.0, description="Strength of lora.merge_first, as in the UIs.")
     text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder (disables the text cache).")
+    text_encoder_steps: int | None = Field(
+        None, ge=1, description="Stop training the text-encoder LoRA after this many steps (it stays in the output); null: never."
+    )
     text_encoder_target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"],
         min_length=1,
         description=f"Text-encoder layers that get a LoRA; any of {', '.join(TEXT_ENCODER_TARGETS)}.",
     )
+
+    @model_validator(mode="after")
+    def _preset_or_custom(self) -> LoraSection:
+        if self.target_modules is not None and self.preset != "custom":
+            raise ValueError(f"lora.target_modules is used only with lora.preset: custom (preset is {self.preset!r})")
+        if self.target_modules is None and self.preset == "custom":
+            raise ValueError("lora.preset: custom needs lora.target_modules (UNet module names)")
+        return self
+
+    def unet_targets(self) -> list[str]:
+        from sdtune.adapters import UNET_PRESETS
+
+        return self.target_modules if self.preset == "custom" else UNET_PRESETS[self.preset]
 
     @field_validator("text_encoder_target_modules")
     @classmethod

@@ -10,6 +10,7 @@ write the results. Everything it calls takes plain values, not the recipe.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shlex
@@ -113,6 +114,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, unet_dtype, model.allow_pickle)
     if train_te:
         check_sd2_text_encoder_targets(lora.text_encoder_target_modules, parts.base_model_version)
+    if lora.merge_first:
+        _merge_first(parts, lora.merge_first, lora.merge_first_weight)
     # The scan: every file is checked and bucketed before any work; problems stop the
     # run here with the full list, or are skipped and written down (data.on_bad_image).
     plan = plan_data(data, opt.seed, parts.tokenizer)
@@ -168,10 +171,10 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     set_attention(unet, opt.attention, device)
     if opt.method == "lora":
         unet.to(device)
-        add_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        add_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.unet_targets(), lora.conv_rank, lora.conv_alpha, lora.init)
         if train_te:
             text_encoder.to(device, dtype=weight_dtype)
-            add_lora(text_encoder, lora.rank, lora.alpha, lora.dropout, lora.text_encoder_target_modules)
+            add_lora(text_encoder, lora.rank, lora.alpha, lora.dropout, lora.text_encoder_target_modules, init=lora.init)
             cast_training_params(text_encoder, dtype=torch.float32)
         cast_training_params(unet, dtype=torch.float32)
     else:
@@ -275,6 +278,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 continue
             step += 1
             bar.update(1)
+            if train_te and step == lora.text_encoder_steps:
+                trained[1].requires_grad_(False)  # no more gradients: AdamW leaves it as it is
             if ema is not None and step % recipe.ema.update_every == 0:
                 ema.step(params)
             if step % opt.log_every == 0 or step == opt.max_steps:
@@ -352,6 +357,8 @@ def _export(stem: Path, models: dict, ema, params: list, parts, recipe: Recipe, 
                 title=recipe.output.name,
                 recipe_json=recipe.to_json(),
                 trained_text_encoder="text_encoder" in models,
+                network_args=_network_args(recipe.lora),
+                extra={"sdtune.merged_first": parts.merged_first} if parts.merged_first else None,
             )
             return [atomic.save_safetensors(tensors, single_file, metadata)]
         written = []
@@ -379,6 +386,27 @@ def _export(stem: Path, models: dict, ema, params: list, parts, recipe: Recipe, 
     finally:
         if ema is not None:
             ema.restore(params)
+
+
+def _merge_first(parts, path: str, weight: float) -> None:
+    """Merge an earlier LoRA into the base before training a new one on top. The
+    text encoder's identity changes with it, so its cache entries are its own."""
+    from sdtune.export.kohya import merge_lora, read_lora
+    from sdtune.models import file_sha256
+
+    tensors, _ = read_lora(path)
+    merge_lora(tensors, parts.unet, parts.text_encoder, weight)
+    digest = file_sha256(Path(path))
+    if any(key.startswith("lora_te_") for key in tensors):
+        parts.text_encoder_sha256 = hashlib.sha256(f"{parts.text_encoder_sha256}+{digest}@{weight}".encode()).hexdigest()
+    parts.merged_first = f"{Path(path).name} sha256={digest} weight={weight}"
+
+
+def _network_args(lora) -> dict[str, str]:
+    """kohya's ss_network_args: conv_dim/conv_alpha when 3x3 convolutions are adapted."""
+    if lora.preset not in ("locon", "custom") or (lora.conv_rank is None and lora.conv_alpha is None):
+        return {}
+    return {"conv_dim": str(lora.conv_rank or lora.rank), "conv_alpha": str(lora.conv_alpha or lora.alpha)}
 
 
 def _trainable(models: dict) -> dict[str, torch.Tensor]:

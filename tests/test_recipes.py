@@ -53,7 +53,7 @@ def test_misspelled_key_is_named_with_the_closest_valid_one(tmp_path):
 def test_set_overrides_any_field_with_typed_values(tmp_path):
     recipe = load_recipe(
         ROOT / "recipes/tiny_demo.yaml",
-        ["train.learning_rate=5e-5", "lora.text_encoder=true", "lora.target_modules=[to_q, to_v]", "output.name=x"],
+        ["train.learning_rate=5e-5", "lora.text_encoder=true", "lora.preset=custom", "lora.target_modules=[to_q, to_v]", "output.name=x"],
     )
     assert recipe.train.learning_rate == 5e-5
     assert recipe.lora.text_encoder is True

@@ -14,7 +14,7 @@ from transformers import CLIPTextModel
 from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.export.kohya import merge_lora, read_lora
 from sdtune.models import load_components
-from sdtune.recipe import load_recipe
+from sdtune.recipe import RecipeError, load_recipe
 from sdtune.train import main, train
 
 
@@ -380,3 +380,39 @@ def test_lora_trains_on_a_single_file_base(tiny_v, small_dataset, tmp_path):
     assert len({k.split(".", 1)[0] for k in tensors}) == 56
     with pytest.raises(ValueError, match="set model.zero_terminal_snr: true"):
         main(_args(single, small_dataset, tmp_path, "train.max_steps=1", "model.zero_terminal_snr=false", "output.name=x"))
+
+
+def test_lora_presets_locon_conv_rank_and_text_encoder_stop(tiny_v, small_dataset, tmp_path):
+    result = main(_args(
+        tiny_v, small_dataset, tmp_path, "train.max_steps=4", "lora.preset=locon", "lora.conv_rank=4", "lora.conv_alpha=2",
+        "lora.init=gaussian", "lora.text_encoder=true", "lora.text_encoder_steps=2", "export.dtype=fp32",
+    ))
+    tensors, metadata = read_lora(result.output)
+    layers = {k.split(".", 1)[0] for k in tensors}
+    conv1 = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert {conv1, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2", "lora_unet_down_blocks_0_downsamplers_0_conv"} <= layers
+    assert tensors[f"{conv1}.lora_down.weight"].shape[:1] + tensors[f"{conv1}.lora_down.weight"].shape[2:] == (4, 3, 3)
+    assert tensors[f"{conv1}.alpha"].item() == 2.0
+    assert tensors["lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight"].shape[0] == 8  # linear: lora.rank
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0"}
+    # The text-encoder LoRA trained for 2 of the 4 steps, then stayed as it was.
+    assert all(not p.requires_grad for n, p in result.text_encoder.named_parameters())
+    te = [k for k in tensors if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert te and all(tensors[k].abs().max() > 0 for k in te)
+    # Everything merges back by the UIs' rule (layer names and conv shapes line up).
+    merge_lora(tensors, UNet2DConditionModel.from_pretrained(tiny_v, subfolder="unet"), CLIPTextModel.from_pretrained(tiny_v, subfolder="text_encoder"))
+    with pytest.raises(RecipeError, match="only with lora.preset: custom"):
+        load_recipe("recipes/tiny_demo.yaml", ["lora.target_modules=[to_q]"])
+
+
+def test_new_lora_trains_on_top_of_a_merged_one(tiny_v, small_dataset, tmp_path):
+    first = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "output.name=first", "lora.text_encoder=true", "export.dtype=fp32"))
+    second = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=second", f"lora.merge_first={first.output}", "export.dtype=fp32"))
+    _, metadata = read_lora(second.output)
+    assert metadata["sdtune.merged_first"].startswith("first.safetensors sha256=")
+    # Its base was the base plus the first LoRA: the text cache was filled again for that text encoder.
+    assert second.text_cache.encoded == 9
+    base = UNet2DConditionModel.from_pretrained(tiny_v, subfolder="unet")
+    merge_lora(read_lora(first.output)[0], base, CLIPTextModel.from_pretrained(tiny_v, subfolder="text_encoder"))
+    merge_lora(read_lora(second.output)[0], base)
+    torch.testing.assert_close(_unet_output(base), _unet_output(second.unet), rtol=0, atol=1e-5)

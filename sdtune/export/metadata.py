@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import sdtune
 
@@ -33,6 +34,8 @@ def lora_metadata(
     title: str,
     recipe_json: str,
     trained_text_encoder: bool,
+    network_args: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     return {
@@ -42,7 +45,7 @@ def lora_metadata(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
-        "ss_network_args": "{}",
+        "ss_network_args": json.dumps(network_args or {}),
         "ss_network_train_unet_only": str(not trained_text_encoder),
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_steps": str(steps),
@@ -67,6 +70,7 @@ def lora_metadata(
         "sdtune.version": sdtune.__version__,
         "sdtune.zero_terminal_snr": str(zero_terminal_snr),
         "sdtune.recipe": recipe_json,
+        **(extra or {}),
     }
 
 
