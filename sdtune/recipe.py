@@ -347,6 +347,21 @@ class CheckpointSection(_Section):
     export: bool = Field(True, description="Also write a usable <output.name>-step<N> result at each checkpoint.")
 
 
+class ValidationSection(_Section):
+    every_steps: int = Field(100, ge=1, description="Steps between validation losses on the held-out images (data.validation_split); also at the end.")
+    timesteps: list[int] = Field(
+        [100, 300, 500, 700, 900], min_length=1, description="Fixed timesteps each held-out image is scored at (logged one by one too)."
+    )
+    seed: int = Field(0, description="Seed of the fixed validation noise.")
+
+    @field_validator("timesteps")
+    @classmethod
+    def _in_schedule(cls, value: list[int]) -> list[int]:
+        if any(t < 0 or t > 999 for t in value):
+            raise ValueError(f"validation.timesteps must lie in [0, 999], got {value}")
+        return value
+
+
 class OutputSection(_Section):
     dir: str = Field("outputs", description="Folder the results are written to.")
     name: str = Field("sdtune-lora", description="File stem of the results (`<dir>/<name>.safetensors`).")
@@ -378,6 +393,7 @@ class Recipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     ema: EmaSection = Field(default_factory=EmaSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
     output: OutputSection = Field(default_factory=OutputSection)
     export: ExportSection = Field(default_factory=ExportSection)
 

@@ -16,7 +16,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if not __package__:
@@ -73,6 +73,7 @@ class TrainResult:
     text_encoder: torch.nn.Module
     steps: int  # optimizer steps done when the run ended
     stopped_by: int | None = None  # the signal that interrupted the run (state saved), else None
+    validation: list[tuple[int, dict[int, float]]] = field(default_factory=list)  # (step, {timestep: loss})
 
 
 def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
@@ -133,7 +134,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     shard = (accelerator.process_index, accelerator.num_processes)
     items = plan.train + plan.validation
     latent_paths, latent_stats = cache_latents(items, parts.vae, parts.vae_sha256, cache_dir, device, shard=shard, show_progress=is_main)
-    latent_paths = latent_paths[: len(plan.train)]
+    latent_paths, val_latent_paths = latent_paths[: len(plan.train)], latent_paths[len(plan.train) :]
     text_stats = None
     # Shuffled tags make a new caption each epoch, so the text encoder then runs in the loop.
     text_in_loop = train_te or data.shuffle_tags
@@ -143,6 +144,10 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             prefixes=[i.sample.prefix for i in plan.train], shuffle=data.shuffle_tags, keep_tokens=data.keep_tokens, seed=opt.seed,
         )
         empty_conditioning = tokenize(parts.tokenizer, [""])[0]
+        val_dataset = CachedDataset(
+            val_latent_paths, captions=[i.sample.caption for i in plan.validation], tokenizer=parts.tokenizer,
+            prefixes=[i.sample.prefix for i in plan.validation],
+        )
         if not train_te:
             parts.text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
     else:
@@ -152,6 +157,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         accelerator.wait_for_everyone()
         empty_conditioning = load_file(text_paths[-1])["hidden_states"]
         dataset = CachedDataset(latent_paths, text_paths=text_paths[: len(plan.train)])
+        val_dataset = CachedDataset(val_latent_paths, text_paths=text_paths[len(plan.train) : len(items)])
         parts.text_encoder.to("cpu")
     accelerator.wait_for_everyone()
     parts.vae.to("cpu")
@@ -240,6 +246,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # optimizer cost time; the host syncs only at log intervals (and every step
     # with train.on_nan: skip, which must look at each loss).
     losses: list[torch.Tensor] = []
+    validation: list[tuple[int, dict[int, float]]] = []
     step, skipped, started = position.step, 0, time.perf_counter()
     ckpt = recipe.checkpoint
     bar = tqdm(total=opt.max_steps, initial=step, desc="training", unit="step", disable=not is_main)
@@ -289,6 +296,11 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 lr = lr_scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"train/loss": recent, "train/lr": lr}, step=step)
+            if len(val_dataset) and (step % recipe.validation.every_steps == 0 or step == opt.max_steps):
+                encoder = (trained[1] if train_te else text_encoder) if text_in_loop else None
+                per_t = validation_loss(unet, encoder, scheduler, scaling, val_dataset, recipe.validation.timesteps, recipe.validation.seed, device)
+                validation.append((step, per_t))
+                accelerator.log({"val/loss": sum(per_t.values()) / len(per_t)} | {f"val/loss_t{t}": v for t, v in per_t.items()}, step=step)
             epoch_done = batch_in_epoch == len(loader)
             due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
                 ckpt.every_epochs and epoch_done and (epoch + 1) % ckpt.every_epochs == 0
@@ -305,7 +317,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                         print("sdtune: resume with the same command plus --resume latest:")
                         print("  " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv, "--resume", "latest"]))
                     accelerator.end_training()
-                    return TrainResult(result_path, _floats(losses), latent_stats, text_stats, models["unet"], models.get("text_encoder", text_encoder), step, stop.signal)
+                    return TrainResult(result_path, _floats(losses), latent_stats, text_stats, models["unet"], models.get("text_encoder", text_encoder), step, stop.signal, validation)
     bar.close()
     accelerator.wait_for_everyone()
 
@@ -323,7 +335,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     accelerator.end_training()
     if ema is not None:
         ema.copy_to(params)  # callers get the model that was exported
-    return TrainResult(result_path, _floats(losses), latent_stats, text_stats, models["unet"], models.get("text_encoder", text_encoder), step)
+    if validation and is_main:
+        print(f"sdtune: validation loss {sum(validation[-1][1].values()) / len(validation[-1][1]):.4f} at step {validation[-1][0]}")
+    return TrainResult(result_path, _floats(losses), latent_stats, text_stats, models["unet"], models.get("text_encoder", text_encoder), step, None, validation)
 
 
 def _export(stem: Path, models: dict, ema, params: list, parts, recipe: Recipe, steps: int, num_images: int) -> list[Path]:
@@ -386,6 +400,32 @@ def _export(stem: Path, models: dict, ema, params: list, parts, recipe: Recipe, 
     finally:
         if ema is not None:
             ema.restore(params)
+
+
+@torch.no_grad()
+def validation_loss(
+    unet, text_encoder, scheduler, scaling_factor: float, dataset: CachedDataset, timesteps: list[int], seed: int, device
+) -> dict[int, float]:
+    """Mean unweighted loss on the held-out images at fixed timesteps, with noise
+    fixed per image by ``seed`` and the posterior mean as latents: the same
+    numbers for the same weights, so the curve moves only when the model does.
+    Uses its own generator; the training RNG is untouched (resume stays exact)."""
+    was_training = unet.training
+    unet.eval()
+    totals = dict.fromkeys(timesteps, 0.0)
+    for index in range(len(dataset)):
+        item = dataset[(index, 0)]
+        latents = item["mean"][None].to(device) * scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + index)).to(device)
+        if text_encoder is None:
+            conditioning = item["encoder_hidden_states"][None].to(device)
+        else:
+            conditioning = encode_prompts(text_encoder, item["input_ids"][None].to(device))
+        for t in timesteps:
+            loss = denoising_loss(unet, scheduler, latents, conditioning, noise, torch.tensor([t], device=device))
+            totals[t] += loss.item() / len(dataset)
+    unet.train(was_training)
+    return totals
 
 
 def _merge_first(parts, path: str, weight: float) -> None:

@@ -416,3 +416,18 @@ def test_new_lora_trains_on_top_of_a_merged_one(tiny_v, small_dataset, tmp_path)
     merge_lora(read_lora(first.output)[0], base, CLIPTextModel.from_pretrained(tiny_v, subfolder="text_encoder"))
     merge_lora(read_lora(second.output)[0], base)
     torch.testing.assert_close(_unet_output(base), _unet_output(second.unet), rtol=0, atol=1e-5)
+
+
+def test_validation_loss_is_fixed_for_fixed_weights_and_leaves_training_alone(tiny_v, small_dataset, tmp_path):
+    common = ("train.max_steps=4", "data.validation_split=2", "export.dtype=fp32", "validation.every_steps=2", "validation.timesteps=[200, 800]")
+    with_val = main(_args(tiny_v, small_dataset, tmp_path, *common, "output.name=a"))
+    assert [step for step, _ in with_val.validation] == [2, 4]
+    assert all(set(losses) == {200, 800} and all(v > 0 for v in losses.values()) for _, losses in with_val.validation)
+    no_val = main(_args(tiny_v, small_dataset, tmp_path, *common, "output.name=b", "validation.every_steps=1000"))
+    assert [step for step, _ in no_val.validation] == [4]  # at the end only
+    a, _ = read_lora(with_val.output)
+    b, _ = read_lora(no_val.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # validating did not move the training RNG
+    # The noise and timesteps are fixed: the same weights score exactly the same in another run.
+    assert no_val.validation[-1][1] == with_val.validation[-1][1]
+    assert with_val.validation[0][1] != with_val.validation[1][1]  # and the score moves when the model does
