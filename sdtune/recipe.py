@@ -362,6 +362,19 @@ class ValidationSection(_Section):
         return value
 
 
+class PreviewSection(_Section):
+    prompts: list[str] = Field([], description="Prompts drawn every preview.every_steps and at the end; empty: no previews.")
+    every_steps: int = Field(100, ge=1, description="Steps between preview grids.")
+    sampler: Literal["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "heun"] = Field(
+        "euler_a", description="Sampler of the previews (zero-terminal-SNR models: ddim, euler, euler_a, dpmpp_2m, unipc)."
+    )
+    steps: int = Field(20, ge=1, description="Sampling steps per preview image.")
+    cfg: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
+    cfg_rescale: float | None = Field(None, ge=0, le=1, description="CFG rescale (Lin et al. 2023); null: 0.7 with zero terminal SNR, else 0.")
+    seed: int = Field(0, description="Seed of every preview image, so grids compare across steps.")
+    size: int | None = Field(None, ge=64, description="Preview side in pixels (a multiple of 8); null: data.resolution.")
+
+
 class OutputSection(_Section):
     dir: str = Field("outputs", description="Folder the results are written to.")
     name: str = Field("sdtune-lora", description="File stem of the results (`<dir>/<name>.safetensors`).")
@@ -394,6 +407,7 @@ class Recipe(_Section):
     ema: EmaSection = Field(default_factory=EmaSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
+    preview: PreviewSection = Field(default_factory=PreviewSection)
     output: OutputSection = Field(default_factory=OutputSection)
     export: ExportSection = Field(default_factory=ExportSection)
 

@@ -679,3 +679,4 @@ def _report_flags(model: Model) -> None:
     else:
         how = model.prediction_type
     print(f"sdtune: sampling {model.name} as {how}, from {model.flags_from}")
+

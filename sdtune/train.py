@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import shlex
@@ -25,6 +26,7 @@ if not __package__:
     # cannot shadow installed ones.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -56,6 +58,7 @@ from sdtune.export.metadata import lora_metadata
 from sdtune.models import encode_prompts, load_components, set_attention
 from sdtune.optim import make_lr_scheduler, make_optimizer
 from sdtune.recipe import DataSection, Recipe, load_recipe
+from sdtune.report import render_report
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_demo.yaml"
 MAX_SKIPPED_BATCHES = 20
@@ -247,6 +250,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # with train.on_nan: skip, which must look at each loss).
     losses: list[torch.Tensor] = []
     validation: list[tuple[int, dict[int, float]]] = []
+    history: dict[str, list[tuple[float, float]]] = {"loss": [], "lr": []}
+    previews: list[tuple[int, Path]] = []
     step, skipped, started = position.step, 0, time.perf_counter()
     ckpt = recipe.checkpoint
     bar = tqdm(total=opt.max_steps, initial=step, desc="training", unit="step", disable=not is_main)
@@ -296,11 +301,19 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 lr = lr_scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"train/loss": recent, "train/lr": lr}, step=step)
+                history["loss"].append((step, recent))
+                history["lr"].append((step, lr))
             if len(val_dataset) and (step % recipe.validation.every_steps == 0 or step == opt.max_steps):
                 encoder = (trained[1] if train_te else text_encoder) if text_in_loop else None
                 per_t = validation_loss(unet, encoder, scheduler, scaling, val_dataset, recipe.validation.timesteps, recipe.validation.seed, device)
                 validation.append((step, per_t))
                 accelerator.log({"val/loss": sum(per_t.values()) / len(per_t)} | {f"val/loss_t{t}": v for t, v in per_t.items()}, step=step)
+            if recipe.preview.prompts and accelerator.is_main_process and (
+                step % recipe.preview.every_steps == 0 or step == opt.max_steps
+            ):
+                encoder = models.get("text_encoder", text_encoder)
+                path = _preview(out_dir, step, accelerator, models["unet"], encoder, parts, recipe, ema, params)
+                previews.append((step, path))
             epoch_done = batch_in_epoch == len(loader)
             due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
                 ckpt.every_epochs and epoch_done and (epoch + 1) % ckpt.every_epochs == 0
@@ -327,9 +340,13 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if accelerator.is_main_process:
         written = _export(out_dir / out.name, models, ema, params, parts, recipe, step, plan.images)
         atomic.write_text(out_dir / f"{out.name}.recipe.yaml", recipe.to_yaml())
+        summary = {"base model": f"{parts.name} ({parts.base_model_version}, {model.prediction_type}"
+                   f"{', zero terminal SNR' if model.zero_terminal_snr else ''})", "steps": str(step),
+                   "images": str(plan.images), "outputs": ", ".join(str(p) for p in written)}
+        atomic.write_text(out_dir / "report.html", render_report(out.name, summary, history, validation, previews, recipe.to_yaml()))
         elapsed = time.perf_counter() - started
         print(f"sdtune: trained {step - position.step} steps in {elapsed:.1f}s ({(step - position.step) / elapsed:.2f} steps/s)")
-        for path in written:
+        for path in [*written, out_dir / "report.html"]:
             print(f"sdtune: wrote {path}")
         print(f"sdtune: recipe {out_dir / (out.name + '.recipe.yaml')}; logs {out_dir / 'logs'}")
     accelerator.end_training()
@@ -426,6 +443,57 @@ def validation_loss(
             totals[t] += loss.item() / len(dataset)
     unet.train(was_training)
     return totals
+
+
+def _preview(out_dir: Path, step: int, accelerator, unet, text_encoder, parts, recipe: Recipe, ema, params) -> Path:
+    """A grid of recipe.preview.prompts (a second row with the EMA weights when EMA is
+    on), saved to previews/step-<N>.png and sent to the trackers. The training RNG
+    is saved and restored around it, so previews never change the run."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune import grid
+    from sdtune.sample import default_cfg_rescale, generate, make_sampler, sampling_config
+
+    model, preview = recipe.model, recipe.preview
+    rng = training_state.rng_states()
+    device = accelerator.device
+    homes = {module: next(module.parameters()).device for module in (parts.vae, text_encoder)}
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae.to(device), text_encoder=text_encoder.to(device), tokenizer=parts.tokenizer, unet=unet,
+        scheduler=parts.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    sampler = make_sampler(preview.sampler, sampling_config(parts.noise_scheduler.config, model.prediction_type, model.zero_terminal_snr))
+    rescale = preview.cfg_rescale if preview.cfg_rescale is not None else default_cfg_rescale(model.zero_terminal_snr)
+    size = preview.size or recipe.data.resolution
+    prompts = preview.prompts
+
+    def row() -> list:
+        with torch.no_grad(), accelerator.autocast():
+            return generate(pipe, prompts, sampler, preview.steps, preview.cfg, rescale, [preview.seed] * len(prompts), (size, size))
+
+    was_training = unet.training
+    unet.eval()
+    rows = [row()]
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+        rows.append(row())
+        ema.restore(params)
+    unet.train(was_training)
+    for module, home in homes.items():
+        module.to(home)
+    training_state.restore_rng(rng)
+    image = grid.draw_grid(rows, prompts, ["raw", "EMA"] if ema is not None else [])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path = atomic.write_bytes(out_dir / "previews" / f"step-{step:06d}.png", buffer.getvalue())
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("preview", np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"preview": [image]}, step=step)
+    return path
 
 
 def _merge_first(parts, path: str, weight: float) -> None:

@@ -431,3 +431,27 @@ def test_validation_loss_is_fixed_for_fixed_weights_and_leaves_training_alone(ti
     # The noise and timesteps are fixed: the same weights score exactly the same in another run.
     assert no_val.validation[-1][1] == with_val.validation[-1][1]
     assert with_val.validation[0][1] != with_val.validation[1][1]  # and the score moves when the model does
+
+
+def test_previews_and_report_html(tiny_v, small_dataset, tmp_path):
+    common = ("train.max_steps=4", "export.dtype=fp32", "data.validation_split=2", "validation.every_steps=2")
+    result = main(_args(
+        tiny_v, small_dataset, tmp_path, *common, "preview.prompts=[a red circle, a blue square]", "preview.every_steps=2",
+        "preview.steps=2", "ema.enabled=true", "train.logger=tensorboard",
+    ))
+    out = tmp_path / "out"
+    grids = sorted((out / "previews").glob("*.png"))
+    assert [p.name for p in grids] == ["step-000002.png", "step-000004.png"]
+    with Image.open(grids[-1]) as grid:
+        width, height = grid.size
+    # Two 64 px columns (one per prompt) after the row-label strip; two rows (raw, EMA) under the prompt strip.
+    assert 2 * 64 < width <= 2 * 64 + 2 * 64 and 2 * 64 < height < 2 * 64 + 64
+    page = (out / "report.html").read_text()
+    assert page.count("<polyline") >= 4  # loss, lr, validation mean and per timestep
+    assert "Training loss" in page and "Validation loss" in page and page.count("data:image/png;base64,") == 2
+    assert "preview:" in page and "a red circle" in page  # the resolved recipe
+    # Previews restore the training RNG: the LoRA is the one trained without them.
+    plain = main(_args(tiny_v, small_dataset, tmp_path, *common, "ema.enabled=true", "output.dir=" + str(tmp_path / "plain")))
+    a, _ = read_lora(result.output)
+    b, _ = read_lora(plain.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)
