@@ -206,9 +206,6 @@ class LoraSection(_Section):
     )
     merge_first_weight: float = Field(1.0, description="Strength of lora.merge_first, as in the UIs.")
     text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder (disables the text cache).")
-    text_encoder_steps: int | None = Field(
-        None, ge=1, description="Stop training the text-encoder LoRA after this many steps (it stays in the output); null: never."
-    )
     text_encoder_target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"],
         min_length=1,
@@ -246,8 +243,14 @@ class TrainSection(_Section):
     batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate for the UNet parameters.")
+    full_text_encoder: bool = Field(
+        False, description="With train.method: full, also train every text-encoder weight (disables the text cache)."
+    )
     text_encoder_learning_rate: float | None = Field(
-        None, gt=0, description="Learning rate for text-encoder LoRA; null means train.learning_rate."
+        None, gt=0, description="Learning rate of the text encoder (its LoRA or, in a full fine-tune, its weights); null: train.learning_rate."
+    )
+    text_encoder_steps: int | None = Field(
+        None, ge=1, description="Stop training the text encoder after this many steps (what it learnt stays in the output); null: never."
     )
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "one_cycle"
@@ -415,6 +418,9 @@ class Recipe(_Section):
     def _cross_section(self) -> Recipe:
         if self.lora.text_encoder and self.train.method != "lora":
             raise ValueError("lora.text_encoder trains a text-encoder LoRA, which needs train.method: lora")
+        if self.train.full_text_encoder and self.train.method != "full":
+            raise ValueError("train.full_text_encoder trains all text-encoder weights, which needs train.method: full "
+                             "(for a LoRA, use lora.text_encoder: true)")
         return self
 
     def to_json(self) -> str:

@@ -111,7 +111,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     set_seed(opt.seed, device_specific=True, deterministic=opt.deterministic)
     is_main = accelerator.is_local_main_process
     device, weight_dtype = accelerator.device, DTYPES[opt.mixed_precision]
-    train_te = opt.method == "lora" and lora.text_encoder
+    train_te = (opt.method == "lora" and lora.text_encoder) or (opt.method == "full" and opt.full_text_encoder)
 
     # Base model and data.
     unet_dtype = weight_dtype if opt.method == "lora" else torch.float32  # full: fp32 master weights
@@ -188,6 +188,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         cast_training_params(unet, dtype=torch.float32)
     else:
         unet.to(device).requires_grad_(True)
+        if train_te:
+            text_encoder.to(device).requires_grad_(True)
     if opt.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_te:
@@ -290,7 +292,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 continue
             step += 1
             bar.update(1)
-            if train_te and step == lora.text_encoder_steps:
+            if train_te and step == opt.text_encoder_steps:
                 trained[1].requires_grad_(False)  # no more gradients: AdamW leaves it as it is
             if ema is not None and step % recipe.ema.update_every == 0:
                 ema.step(params)

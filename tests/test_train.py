@@ -385,7 +385,7 @@ def test_lora_trains_on_a_single_file_base(tiny_v, small_dataset, tmp_path):
 def test_lora_presets_locon_conv_rank_and_text_encoder_stop(tiny_v, small_dataset, tmp_path):
     result = main(_args(
         tiny_v, small_dataset, tmp_path, "train.max_steps=4", "lora.preset=locon", "lora.conv_rank=4", "lora.conv_alpha=2",
-        "lora.init=gaussian", "lora.text_encoder=true", "lora.text_encoder_steps=2", "export.dtype=fp32",
+        "lora.init=gaussian", "lora.text_encoder=true", "train.text_encoder_steps=2", "export.dtype=fp32",
     ))
     tensors, metadata = read_lora(result.output)
     layers = {k.split(".", 1)[0] for k in tensors}
@@ -455,3 +455,26 @@ def test_previews_and_report_html(tiny_v, small_dataset, tmp_path):
     a, _ = read_lora(result.output)
     b, _ = read_lora(plain.output)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_finetune_with_the_text_encoder(tiny_eps, small_dataset, tmp_path):
+    from sdtune.export.checkpoint import read_checkpoint
+
+    result = main([
+        "--recipe", "recipes/full_finetune.yaml",
+        *[a for item in (
+            f"model.path={tiny_eps}", f"data.path={small_dataset}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"output.dir={tmp_path / 'out'}", "data.resolution=64", "train.max_steps=3", "train.batch_size=4",
+            "train.mixed_precision=no", "train.optimizer=adamw", "train.logger=none", "train.gradient_checkpointing=false",
+            "train.lr_warmup_steps=0", "train.learning_rate=1e-3", "train.full_text_encoder=true", "train.text_encoder_steps=2",
+            "export.dtype=fp32",
+        ) for a in ("--set", item)],
+    ])
+    assert result.text_cache is None  # the text encoder trains, so nothing is cached for it
+    assert not any(p.requires_grad for p in result.text_encoder.parameters())  # stopped after step 2
+    base = CLIPTextModel.from_pretrained(tiny_eps, subfolder="text_encoder").state_dict()
+    trained = read_checkpoint(result.output).text_encoder
+    changed = [k for k, v in trained.items() if k in base and not torch.equal(v, base[k])]
+    assert len(changed) > 0.5 * len(base)
+    with pytest.raises(RecipeError, match="needs train.method: full"):
+        load_recipe("recipes/tiny_demo.yaml", ["train.full_text_encoder=true"])
