@@ -347,6 +347,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                    "images": str(plan.images), "outputs": ", ".join(str(p) for p in written)}
         atomic.write_text(out_dir / "report.html", render_report(out.name, summary, history, validation, previews, recipe.to_yaml()))
         elapsed = time.perf_counter() - started
+        if validation:
+            print(f"sdtune: validation loss {sum(validation[-1][1].values()) / len(validation[-1][1]):.4f} at step {validation[-1][0]}")
         print(f"sdtune: trained {step - position.step} steps in {elapsed:.1f}s ({(step - position.step) / elapsed:.2f} steps/s)")
         for path in [*written, out_dir / "report.html"]:
             print(f"sdtune: wrote {path}")
@@ -354,8 +356,6 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     accelerator.end_training()
     if ema is not None:
         ema.copy_to(params)  # callers get the model that was exported
-    if validation and is_main:
-        print(f"sdtune: validation loss {sum(validation[-1][1].values()) / len(validation[-1][1]):.4f} at step {validation[-1][0]}")
     return TrainResult(result_path, _floats(losses), latent_stats, text_stats, models["unet"], models.get("text_encoder", text_encoder), step, None, validation)
 
 

@@ -38,14 +38,16 @@ def _unet_output(unet, seed=0):
         return unet(x, torch.tensor([10, 700]), cond).sample
 
 
-def test_loss_falls_on_a_fixed_batch(tiny_v):
-    """40 AdamW steps of a rank-8 LoRA on one fixed batch (fixed noise and
-    timesteps): the v-prediction loss must fall by at least 30%."""
+@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 1e-4)])
+def test_loss_falls_on_a_fixed_batch(tiny_v, method, lr):
+    """40 AdamW steps on one fixed batch (fixed noise and timesteps), a rank-8 LoRA
+    or every UNet weight: the v-prediction loss must fall by at least 30%."""
     torch.manual_seed(0)
     parts = load_components(tiny_v, "v_prediction", zero_terminal_snr=True)
     unet = parts.unet
-    add_lora(unet, rank=8, alpha=8, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=1e-2)
+    if method == "lora":
+        add_lora(unet, rank=8, alpha=8, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=lr)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 4, 8, 8, generator=gen)
     noise = torch.randn(4, 4, 8, 8, generator=gen)
