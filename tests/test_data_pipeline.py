@@ -79,6 +79,8 @@ def _args(model, tmp_path, *extra):
         "--set", f"data.cache_dir={tmp_path / 'cache'}",
         "--set", f"output.dir={tmp_path / 'out'}",
         "--set", "train.logger=none",
+        "--set", "preview.prompts=[]",  # the demo's previews and held-out images are not what these tests are about
+        "--set", "data.validation_split=0",
         *[item for pair in (("--set", e) for e in extra) for item in pair],
     ]
 

@@ -26,6 +26,9 @@ def _args(model, data, tmp_path, *extra):
         "--set", f"data.cache_dir={tmp_path / 'cache'}",
         "--set", f"output.dir={tmp_path / 'out'}",
         "--set", "train.logger=none",
+        # The demo recipe's previews and held-out images are off unless a test asks.
+        "--set", "preview.prompts=[]",
+        "--set", "data.validation_split=0",
         *[item for pair in (("--set", e) for e in extra) for item in pair],
     ]
 
@@ -297,6 +300,7 @@ def _resume_args(model, data, out, cache, *extra):
     args = ["--recipe", "recipes/tiny_demo.yaml"]
     for item in (
         f"model.path={model}", f"data.path={data}", f"data.cache_dir={cache}", f"output.dir={out}", "train.logger=none",
+        "preview.prompts=[]", "data.validation_split=0",
         "export.dtype=fp32", "train.deterministic=true", "train.batch_size=3", "train.gradient_accumulation_steps=2",
         "train.lr_scheduler=cosine", "train.lr_warmup_steps=2", "ema.enabled=true", "ema.decay=0.9", "data.caption_dropout=0.3",
         *extra,
