@@ -145,7 +145,7 @@ def build_caches(recipe: Recipe) -> None:
     import torch
     from accelerate import Accelerator
 
-    from sdtune.data.cache import cache_latents, cache_text, default_cache_dir, summed
+    from sdtune.data.cache import cache_latents, cache_text, default_cache_dir, report_caches
     from sdtune.models import load_components
     from sdtune.train import plan_data
 
@@ -161,22 +161,13 @@ def build_caches(recipe: Recipe) -> None:
         print(f"sdtune: {plan.images} images, {len(items)} views to cache in {cache_dir}")
     _, latent_stats = cache_latents(items, parts.vae, parts.vae_sha256, cache_dir, accelerator.device, shard=shard, show_progress=is_main)
     text_stats = None
-    # Shuffled tags or a trained text encoder leave nothing for the text cache.
-    if not data.shuffle_tags and not (recipe.train.method == "lora" and recipe.lora.text_encoder):
+    if recipe.caches_text:
         _, text_stats = cache_text(
             [i.caption for i in items] + [""], parts.tokenizer, parts.text_encoder, parts.text_encoder_sha256,
             cache_dir, accelerator.device, shard=shard, show_progress=is_main,
         )
     accelerator.wait_for_everyone()
-    latent_stats = summed(latent_stats, accelerator)
-    text_stats = summed(text_stats, accelerator) if text_stats else None
-    if is_main:
-        print(
-            f"sdtune: latent cache {latent_stats.encoded} encoded, {latent_stats.reused} reused, "
-            f"{latent_stats.invalidated} invalidated ({cache_dir})"
-        )
-        if text_stats:
-            print(f"sdtune: text cache {text_stats.encoded} encoded, {text_stats.reused} reused")
+    report_caches(latent_stats, text_stats, cache_dir, accelerator)
     accelerator.end_training()
 
 

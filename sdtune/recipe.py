@@ -423,6 +423,18 @@ class Recipe(_Section):
                              "(for a LoRA, use lora.text_encoder: true)")
         return self
 
+    @property
+    def trains_text_encoder(self) -> bool:
+        """A text-encoder LoRA, or all its weights in a full fine-tune."""
+        return (self.train.method == "lora" and self.lora.text_encoder) or (
+            self.train.method == "full" and self.train.full_text_encoder
+        )
+
+    @property
+    def caches_text(self) -> bool:
+        """Frozen text-encoder outputs are cached unless the encoder trains or tags are shuffled each epoch."""
+        return not (self.trains_text_encoder or self.data.shuffle_tags)
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=False)
 

@@ -39,7 +39,7 @@ from transformers.utils import logging as transformers_logging
 from sdtune import atomic, training_state
 from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.data.buckets import BucketBatchSampler
-from sdtune.data.cache import CachedDataset, CacheStats, cache_latents, cache_text, default_cache_dir, summed
+from sdtune.data.cache import CachedDataset, CacheStats, cache_latents, cache_text, default_cache_dir, report_caches
 from sdtune.data.captions import drop_captions, tokenize
 from sdtune.data.plan import BucketSpec, DataPlan, plan_dataset, skipped_report, warnings_for
 from sdtune.data.sources import Source
@@ -111,7 +111,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     set_seed(opt.seed, device_specific=True, deterministic=opt.deterministic)
     is_main = accelerator.is_local_main_process
     device, weight_dtype = accelerator.device, DTYPES[opt.mixed_precision]
-    train_te = (opt.method == "lora" and lora.text_encoder) or (opt.method == "full" and opt.full_text_encoder)
+    train_te = recipe.trains_text_encoder
 
     # Base model and data.
     unet_dtype = weight_dtype if opt.method == "lora" else torch.float32  # full: fp32 master weights
@@ -140,7 +140,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     latent_paths, val_latent_paths = latent_paths[: len(plan.train)], latent_paths[len(plan.train) :]
     text_stats = None
     # Shuffled tags make a new caption each epoch, so the text encoder then runs in the loop.
-    text_in_loop = train_te or data.shuffle_tags
+    text_in_loop = not recipe.caches_text
     if text_in_loop:
         dataset = CachedDataset(
             latent_paths, captions=[i.sample.caption for i in plan.train], tokenizer=parts.tokenizer,
@@ -164,15 +164,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         parts.text_encoder.to("cpu")
     accelerator.wait_for_everyone()
     parts.vae.to("cpu")
-    latent_stats = summed(latent_stats, accelerator)
-    text_stats = summed(text_stats, accelerator) if text_stats else None
-    if is_main:
-        print(
-            f"sdtune: latent cache {latent_stats.encoded} encoded, {latent_stats.reused} reused, "
-            f"{latent_stats.invalidated} invalidated ({cache_dir})"
-        )
-        if text_stats:
-            print(f"sdtune: text cache {text_stats.encoded} encoded, {text_stats.reused} reused")
+    latent_stats, text_stats = report_caches(latent_stats, text_stats, cache_dir, accelerator)
 
     # What is trained. Frozen weights are stored in the autocast dtype; trainable
     # ones stay fp32 so small updates are not rounded away.

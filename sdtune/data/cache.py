@@ -47,6 +47,19 @@ def summed(stats: CacheStats, accelerator) -> CacheStats:
     return CacheStats(encoded=int(counts[0]), reused=int(counts[1]) // world, invalidated=int(counts[2]) // world)
 
 
+def report_caches(
+    latent: CacheStats, text: CacheStats | None, cache_dir: Path, accelerator
+) -> tuple[CacheStats, CacheStats | None]:
+    """Sum the counts over processes and print them once; returns the sums."""
+    latent = summed(latent, accelerator)
+    text = summed(text, accelerator) if text else None
+    if accelerator.is_local_main_process:
+        print(f"sdtune: latent cache {latent.encoded} encoded, {latent.reused} reused, {latent.invalidated} invalidated ({cache_dir})")
+        if text:
+            print(f"sdtune: text cache {text.encoded} encoded, {text.reused} reused")
+    return latent, text
+
+
 def default_cache_dir() -> Path:
     if os.environ.get("SDTUNE_CACHE"):
         return Path(os.environ["SDTUNE_CACHE"])
