@@ -39,12 +39,8 @@ def lora_metadata(
 ) -> dict[str, str]:
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     return {
-        # kohya training keys (A1111 reads ss_v2 / ss_base_model_version to decide SD1 vs SD2).
-        "ss_v2": str(base_model_version == "sd_v2"),
-        "ss_base_model_version": base_model_version,
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
+        **_ui_keys(base_model_version, prediction_type, rank, alpha, title, now),
+        # kohya training keys
         "ss_network_args": json.dumps(network_args or {}),
         "ss_network_train_unet_only": str(not trained_text_encoder),
         "ss_resolution": f"({resolution}, {resolution})",
@@ -55,19 +51,10 @@ def lora_metadata(
         "ss_seed": str(seed),
         "ss_sd_model_name": base_model_name,
         "ss_new_sd_model_hash": base_model_sha256,
-        "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_zero_terminal_snr": str(zero_terminal_snr),
         "ss_training_finished_at": str(int(now.timestamp())),
-        # modelspec
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{_ARCHITECTURE[(base_model_version, prediction_type)]}/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": _MODELSPEC_PREDICTION[prediction_type],
-        "modelspec.date": now.isoformat(),
         # ours
-        "sdtune.version": sdtune.__version__,
         "sdtune.zero_terminal_snr": str(zero_terminal_snr),
         "sdtune.recipe": recipe_json,
         **(extra or {}),
@@ -82,6 +69,11 @@ def converted_lora_metadata(
     Training keys (steps, learning rate, recipe) are left out: the source file does not say.
     """
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return {**_ui_keys(base_model_version, prediction_type, rank, alpha, title, now), "sdtune.converted_from": source}
+
+
+def _ui_keys(base_model_version: str, prediction_type: str, rank: int, alpha: float, title: str, now: dt.datetime) -> dict[str, str]:
+    """What the UIs and LoRA browsers read, for any LoRA we write (A1111 decides SD1 vs SD2 by ss_v2 / ss_base_model_version)."""
     return {
         "ss_v2": str(base_model_version == "sd_v2"),
         "ss_base_model_version": base_model_version,
@@ -96,5 +88,4 @@ def converted_lora_metadata(
         "modelspec.prediction_type": _MODELSPEC_PREDICTION[prediction_type],
         "modelspec.date": now.isoformat(),
         "sdtune.version": sdtune.__version__,
-        "sdtune.converted_from": source,
     }
