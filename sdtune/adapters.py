@@ -1,11 +1,16 @@
-"""LoRA adapters through peft (diffusers' and transformers' ``add_adapter``)."""
+"""LoRA adapters through peft's own API (``inject_adapter_in_model``).
+
+Not through diffusers' / transformers' ``add_adapter`` mixins: those gate on the
+installed peft version (transformers 5.25 demands a peft that did not exist yet),
+while peft injects the same layers into any ``nn.Module`` with no gate.
+"""
 
 from __future__ import annotations
 
 import re
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 ADAPTER = "default"
@@ -58,7 +63,7 @@ def add_lora(
         init_lora_weights=INITS[init],
     )
     try:
-        model.add_adapter(config)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as exc:
         raise ValueError(f"LoRA target modules {target_modules} matched no layer of {type(model).__name__}: {exc}") from None
     return list(lora_layers(model))

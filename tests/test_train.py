@@ -115,6 +115,26 @@ def test_exported_lora_loads_in_diffusers_kohya_loader(tiny_v, small_dataset, tm
     torch.testing.assert_close(loaded, trained, rtol=0, atol=2e-3)
 
 
+def test_lora_goes_in_through_peft_not_the_version_gated_mixins(tiny_v, monkeypatch):
+    """transformers 5.25's ``add_adapter`` refused every peft release that existed;
+    with both libraries' mixins gated shut, sdtune still adapts both models."""
+    from diffusers.loaders.peft import PeftAdapterMixin as DiffusersMixin
+    from transformers.integrations.peft import PeftAdapterMixin as TransformersMixin
+
+    from sdtune.adapters import lora_layers
+
+    def gate(*args, **kwargs):
+        raise ValueError("The version of PEFT you are using is not compatible, please use a version >= 99.0")
+
+    monkeypatch.setattr(DiffusersMixin, "add_adapter", gate)
+    monkeypatch.setattr(TransformersMixin, "add_adapter", gate)
+    parts = load_components(tiny_v, "v_prediction", zero_terminal_snr=False)
+    add_lora(parts.unet, 4, 4, 0.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    add_lora(parts.text_encoder, 4, 4, 0.0, ["q_proj", "k_proj", "v_proj", "out_proj"])
+    assert len(lora_layers(parts.unet)) == 56 and len(lora_layers(parts.text_encoder)) == 8
+    assert trainable_parameters(parts.text_encoder) and all("lora_" in n for n, p in parts.text_encoder.named_parameters() if p.requires_grad)
+
+
 def test_text_encoder_lora_exports_ui_names(tiny_v, small_dataset, tmp_path):
     result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=4", "lora.text_encoder=true", "export.dtype=fp32"))
     assert result.text_cache is None  # the text encoder trains, so nothing is cached for it
@@ -127,10 +147,13 @@ def test_text_encoder_lora_exports_ui_names(tiny_v, small_dataset, tmp_path):
     assert metadata["ss_network_train_unet_only"] == "False"
     text_encoder = CLIPTextModel.from_pretrained(tiny_v, subfolder="text_encoder")
     unet = UNet2DConditionModel.from_pretrained(tiny_v, subfolder="unet")
-    merge_lora(tensors, unet, text_encoder)
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
     with torch.no_grad():
-        torch.testing.assert_close(text_encoder(ids)[0], result.text_encoder(ids)[0], rtol=0, atol=1e-5)
+        base = text_encoder(ids)[0]
+        merge_lora(tensors, unet, text_encoder)
+        trained = result.text_encoder(ids)[0]
+        assert (trained - base).abs().max() > 1e-4  # the text-encoder LoRA trained
+        torch.testing.assert_close(text_encoder(ids)[0], trained, rtol=0, atol=1e-5)
 
 
 def test_second_run_encodes_nothing_and_a_changed_image_only_itself(tiny_v, small_dataset, tmp_path):
