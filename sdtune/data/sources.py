@@ -224,7 +224,13 @@ def _metadata_rows(table: Path) -> list[dict]:
 
 
 def _hf_dataset(location: str, split: str, image_column: str, caption_column: str) -> tuple[list[Sample], list[Problem]]:
-    import datasets  # slow to import; only needed for this source
+    try:
+        import datasets  # slow to import; only needed for this source
+    except ImportError:
+        raise ValueError(
+            f"data source {location!r} is a Hugging Face dataset, which needs the datasets library: "
+            "pip install 'sdtune[hf]' (bash launch.sh test installs it)"
+        ) from None
 
     if Path(location).is_dir():
         table = datasets.load_from_disk(location)
