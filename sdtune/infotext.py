@@ -22,12 +22,14 @@ editing metadata does not change it).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import re
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from sdtune import atomic
 
 PARAMETERS_KEY = "parameters"  # the PNG tEXt keyword A1111 reads and writes
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -76,13 +78,9 @@ def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return atomic.write_bytes(path, buffer.getvalue())
 
 
 def read_png_parameters(path: str | Path) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
+from sdtune import atomic
+
 
 def save_diffusers_folder(
     out: Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict, dtype: torch.dtype = torch.float16
@@ -32,10 +34,10 @@ def save_diffusers_folder(
         requires_safety_checker=False,
     )
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = atomic.tmp_beside(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        return atomic.publish_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
