@@ -9,6 +9,8 @@ from pathlib import Path
 
 from sdtune.recipe import PREDICTION_ALIASES, Recipe, RecipeError, load_recipe
 
+TINY_ARCHES = {"sd1": "sd_v1", "sd2": "sd_v2"}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("make-tiny", help="write a tiny random-weight SD model (diffusers folder)")
     tiny.add_argument("dir", help="folder to create")
     tiny.add_argument("--prediction", choices=["eps", "v"], default="eps", help="prediction type of its scheduler")
+    tiny.add_argument("--arch", choices=sorted(TINY_ARCHES), default="sd1", help="block layout and text encoder of SD 1.x or SD 2.x")
     tiny.add_argument("--seed", type=int, default=0)
 
     commands.add_parser("train", help="train from a recipe (same as sdtune/train.py)", add_help=False)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-tiny":
         from sdtune.tiny import make_tiny
 
-        return _run(lambda: print(make_tiny(args.dir, PREDICTION_ALIASES[args.prediction], args.seed)))
+        return _run(lambda: print(make_tiny(args.dir, PREDICTION_ALIASES[args.prediction], args.seed, TINY_ARCHES[args.arch])))
     if args.command == "export":
         return _run(lambda: _export(args))
     if args.command == "inspect":

@@ -116,8 +116,12 @@ def load_single_file(
 
 
 def base_model_version(text_encoder: CLIPTextModel) -> str:
-    """SD 2.x uses OpenCLIP ViT-H (width 1024); SD 1.x uses CLIP ViT-L (width 768)."""
-    return "sd_v2" if text_encoder.config.hidden_size == 1024 else "sd_v1"
+    """SD 2.x uses OpenCLIP ViT-H (gelu, width 1024); SD 1.x uses CLIP ViT-L (quick_gelu, width 768).
+
+    The activation tells them apart at any width (reduced-width test models too).
+    """
+    config = text_encoder.config
+    return "sd_v2" if config.hidden_size == 1024 or config.hidden_act == "gelu" else "sd_v1"
 
 
 def weights_sha256(*folders: Path) -> str:
@@ -162,6 +166,15 @@ def encode_prompts(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torc
     (SD 2.x's diffusers text encoder already stops at OpenCLIP's penultimate layer.)
     """
     return text_encoder(input_ids, return_dict=False)[0]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX). Without it,
+    PyTorch's bf16 convolutions take a reference path (``benchmarks/precision.py``)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def set_attention(unet: UNet2DConditionModel, kind: str, device: torch.device) -> None:

@@ -17,6 +17,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdtune import atomic
+
 CLIP_BPE_DIR = Path(__file__).parent / "clip_bpe"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -32,17 +34,25 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token=pad_token)
 
 
-def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
+ARCHES = ("sd_v1", "sd_v2")
+TINY_WIDTHS = (32, 64, 64)
+
+
+def tiny_unet(cross_attention_dim: int = 32, arch: str = "sd_v1") -> UNet2DConditionModel:
+    """SD 1 attention: 8 heads, conv projections. SD 2: 64-channel heads (at least
+    one), linear projections in and out of each transformer, as the real models."""
+    sd2 = arch == "sd_v2"
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=TINY_WIDTHS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
+        attention_head_dim=[max(1, w // 64) for w in TINY_WIDTHS] if sd2 else 8,
+        use_linear_projection=sd2,
         norm_num_groups=8,
     )
 
@@ -62,19 +72,21 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(hidden_size: int = 32) -> CLIPTextModel:
+def tiny_text_encoder(hidden_size: int = 32, arch: str = "sd_v1") -> CLIPTextModel:
+    """SD 1's CLIP ViT-L (quick_gelu) or SD 2's OpenCLIP ViT-H (gelu, 64-channel heads, pads with "!")."""
+    sd2 = arch == "sd_v2"
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden_size,
         intermediate_size=4 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=max(1, hidden_size // 64) if sd2 else 4,
         max_position_embeddings=77,
         projection_dim=hidden_size,
-        hidden_act="quick_gelu",
+        hidden_act="gelu" if sd2 else "quick_gelu",
         bos_token_id=49406,
         eos_token_id=49407,
-        pad_token_id=49407,
+        pad_token_id=0 if sd2 else 49407,
     )
     return CLIPTextModel(config)
 
@@ -93,35 +105,36 @@ def tiny_scheduler(prediction_type: str) -> DDIMScheduler:
     )
 
 
-def make_tiny(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Write a tiny SD pipeline to ``out_dir`` (atomically: nothing half-written is left)."""
+def make_tiny(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0, arch: str = "sd_v1") -> Path:
+    """Write a tiny SD 1.x (``arch="sd_v1"``) or SD 2.x (``"sd_v2"``) pipeline to
+    ``out_dir``, atomically: nothing half-written is left."""
     out_dir = Path(out_dir)
+    if arch not in ARCHES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHES)}")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder")
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(),
-        tokenizer=clip_tokenizer(),
-        unet=tiny_unet(),
+        text_encoder=tiny_text_encoder(arch=arch),
+        tokenizer=clip_tokenizer("!" if arch == "sd_v2" else "<|endoftext|>"),
+        unet=tiny_unet(arch=arch),
         scheduler=tiny_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = atomic.tmp_beside(out_dir)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers >= 5 writes only tokenizer.json; kohya and transformers 4
         # read vocab.json + merges.txt, so write the portable pair too.
         for name in TOKENIZER_FILES:
             shutil.copy(CLIP_BPE_DIR / name, tmp / "tokenizer" / name)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is not
-        tmp.rename(out_dir)
-    except BaseException:
+        atomic.publish_folder(tmp, out_dir)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

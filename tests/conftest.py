@@ -24,6 +24,12 @@ def tiny_eps(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-eps", "epsilon")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2_v(tmp_path_factory) -> Path:
+    """Tiny model of the SD 2.x kind (OpenCLIP-style text encoder, linear projections), v-prediction."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sd2-v", "v_prediction", arch="sd_v2")
+
+
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
     """The first 8 sample images with their captions, in a folder the test may change."""
