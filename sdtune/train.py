@@ -55,7 +55,7 @@ from sdtune.export.checkpoint import save_checkpoint
 from sdtune.export.diffusers_folder import save_diffusers_folder
 from sdtune.export.kohya import check_sd2_text_encoder_targets, kohya_state_dict
 from sdtune.export.metadata import lora_metadata
-from sdtune.models import encode_prompts, load_components, set_attention
+from sdtune.models import cpu_has_native_bf16, encode_prompts, load_components, set_attention
 from sdtune.optim import make_lr_scheduler, make_optimizer
 from sdtune.recipe import DataSection, Recipe, load_recipe
 from sdtune.report import render_report
@@ -108,6 +108,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     )
     if opt.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+    if opt.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16() and accelerator.is_local_main_process:
+        print(f"sdtune: warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), where bf16 "
+              "convolutions run far slower than fp32 (benchmarks/precision.py); set train.mixed_precision: no", file=sys.stderr)
     set_seed(opt.seed, device_specific=True, deterministic=opt.deterministic)
     is_main = accelerator.is_local_main_process
     device, weight_dtype = accelerator.device, DTYPES[opt.mixed_precision]
