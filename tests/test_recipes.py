@@ -107,3 +107,72 @@ def test_option_combinations_that_make_no_sense_are_rejected():
         recipe_from_dict({"train": {"optimizer": "prodigy", "learning_rate": 1e-4}})
     with pytest.raises(RecipeError, match="train.loss_type"):
         recipe_from_dict({"train": {"loss_type": "l3"}})
+
+
+# Each recipe for the user's own model and data, with the tiny model of its kind.
+USER_RECIPES = {"lora_eps.yaml": "tiny_eps", "lora_vpred.yaml": "tiny_sd2_v", "full_finetune.yaml": "tiny_eps"}
+
+
+def test_every_recipe_is_covered_by_a_run():
+    assert set(USER_RECIPES) | {"tiny_demo.yaml"} == {p.name for p in RECIPES}  # the demo runs in test_demo.py
+
+
+def _large_images(folder: Path, side: int, count: int = 1) -> Path:
+    """Sample images enlarged to ``side`` px, big enough for a recipe's resolution without upscaling."""
+    from PIL import Image
+
+    folder.mkdir()
+    for image in sorted(p for p in (ROOT / "datasets" / "sample").iterdir() if p.suffix == ".png")[:count]:
+        with Image.open(image) as im:
+            im.convert("RGB").resize((side, side), Image.Resampling.NEAREST).save(folder / image.name)
+        (folder / f"{image.stem}.txt").write_text(image.with_suffix(".txt").read_text())
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(USER_RECIPES))
+def test_shipped_recipe_runs_with_only_model_and_data_paths_set(name, request, tmp_path):
+    """As shipped, with model.path and data.path pointed at a tiny model of the recipe's
+    kind and an image of its size: 2 steps and the recipe's output. Everything else,
+    optimizer, gradient checkpointing, schedule and resolution included, is the
+    recipe's own, but for one setting: the recipes ask for bf16, and on a CPU
+    without native bf16 (CI's: AVX2 only) PyTorch's bf16 convolutions are 13 to
+    39 times slower than fp32 (docs/benchmarks.md), so this runs fp32.
+    bf16 itself is tested at 64 px in test_train.py."""
+    from sdtune.export.checkpoint import read_checkpoint
+    from sdtune.export.kohya import read_lora
+    from sdtune.train import train
+
+    model = request.getfixturevalue(USER_RECIPES[name])
+    shipped = load_recipe(ROOT / "recipes" / name)
+    data = _large_images(tmp_path / "images", shipped.data.resolution)
+    recipe = load_recipe(ROOT / "recipes" / name, [
+        f"model.path={model}", f"data.path={data}",
+        # Where a test may write, and how long it may take:
+        "train.max_steps=2", f"output.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "train.mixed_precision=no",
+    ])
+    result = train(recipe)
+    assert result.steps == 2 and result.output == tmp_path / "out" / f"{shipped.output.name}.safetensors"
+    if shipped.train.method == "lora":
+        tensors, metadata = read_lora(result.output)
+        version = "sd_v2" if name == "lora_vpred.yaml" else "sd_v1"
+        assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(version == "sd_v2")
+        assert metadata["modelspec.prediction_type"] == {"epsilon": "epsilon", "v_prediction": "v"}[shipped.model.prediction_type]
+        assert any(k.endswith("lora_up.weight") and tensors[k].abs().max() > 0 for k in tensors)
+    else:
+        checkpoint = read_checkpoint(result.output)
+        assert checkpoint.version == "sd_v1" and checkpoint.prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize("name", sorted(USER_RECIPES))
+def test_shipped_recipe_without_the_users_files_says_what_to_set(name, tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "sdtune.cli", "train", "--recipe", str(ROOT / "recipes" / name),
+         "--set", f"output.dir={tmp_path / 'out'}", "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "model.path" in run.stderr or "data.path" in run.stderr, run.stderr
