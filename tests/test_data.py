@@ -318,7 +318,11 @@ def test_tag_shuffling_keeps_the_first_tags_and_the_prefix():
         assert tags[:3] == ["ohwx", "1girl", "solo"]
         assert sorted(tags[3:]) == sorted(["red hair", "smile", "outdoors", "looking at viewer"])
     assert shuffle_tags("a photo of a cat", 0, random.Random(0)) == "a photo of a cat"
-    assert shuffle_tags(caption, 1, random.Random(3)) == shuffle_tags(caption, 1, random.Random(3))
+    # The order comes from the generator it is given, not from the global one.
+    random.seed(1)
+    first = shuffle_tags(caption, 1, random.Random(3))
+    random.seed(2)
+    assert shuffle_tags(caption, 1, random.Random(3)) == first
 
 
 def test_caption_dropout_replaces_that_fraction_with_the_empty_caption():
@@ -352,7 +356,7 @@ def test_validation_split_is_fixed_by_its_seed(tmp_path):
         return sorted(i.sample.name for i in plan_dataset(source, SPEC, **kwargs).validation)
 
     assert len(held(validation_split=0.2)) == 4 and len(held(validation_split=3)) == 3
-    assert held(validation_split=0.2) == held(validation_split=0.2) == held(validation_split=0.2, seed=99)
+    assert held(validation_split=0.2) == held(validation_split=0.2, seed=99)  # train.seed does not move it
     assert held(validation_split=0.2, split_seed=1) != held(validation_split=0.2)
     plan = plan_dataset(source, SPEC, validation_split=5, flip=True)
     assert not {i.sample.name for i in plan.validation} & {i.sample.name for i in plan.train}

@@ -69,3 +69,32 @@ def test_tiny_models_are_deterministic(tmp_path, prediction):
     a, b = make_tiny(tmp_path / "a", prediction), make_tiny(tmp_path / "b", prediction)
     name = "unet/diffusion_pytorch_model.safetensors"
     assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_make_tiny_sd2_is_an_sd2_model_everywhere(tmp_path):
+    """--arch sd2: detected as SD 2.x from the folder and from the single file written from it,
+    pads with "!" like SD 2, and an SD 1 tiny stays SD 1."""
+    import torch
+    from safetensors import safe_open
+
+    from sdtune.data.captions import tokenize
+    from sdtune.export.checkpoint import build_models, read_checkpoint
+    from sdtune.export.commands import export_checkpoint
+    from sdtune.models import load_components
+
+    out = tmp_path / "tiny-sd2"
+    subprocess.run([sys.executable, "-m", "sdtune.cli", "make-tiny", str(out), "--arch", "sd2", "--prediction", "v"], check=True, capture_output=True)
+    parts = load_components(out, "v_prediction", zero_terminal_snr=False)
+    assert parts.base_model_version == "sd_v2"
+    assert parts.unet.config.use_linear_projection and parts.text_encoder.config.hidden_act == "gelu"
+    assert tokenize(parts.tokenizer, ["a photo of a cat"])[0, 7:].eq(0).all()  # SD 2 pads with "!" (id 0)
+    single = export_checkpoint(out, tmp_path / "sd2.safetensors", dtype="fp32")[0]
+    checkpoint = read_checkpoint(single)
+    assert checkpoint.version == "sd_v2"
+    with safe_open(str(single), framework="pt") as handle:  # OpenCLIP layout, as SD 2 files have
+        assert any(k.startswith("cond_stage_model.model.transformer.resblocks.") for k in handle.keys())
+    unet = build_models(checkpoint, torch.float32)[0]
+    assert all(torch.equal(v, parts.unet.state_dict()[k]) for k, v in unet.state_dict().items())
+    from sdtune.tiny import make_tiny
+
+    assert load_components(make_tiny(tmp_path / "sd1", "epsilon"), "epsilon", False).base_model_version == "sd_v1"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -31,6 +33,12 @@ def _args(model, data, tmp_path, *extra):
         "--set", "data.validation_split=0",
         *[item for pair in (("--set", e) for e in extra) for item in pair],
     ]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _unet_output(unet, seed=0):
@@ -73,6 +81,8 @@ def test_lora_run_writes_a_kohya_file_that_reproduces_the_model(tiny_v, small_da
     result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=12", "export.dtype=fp32", "lora.alpha=4"))
     assert len(result.losses) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
     assert result.output == tmp_path / "out" / "tiny-demo.safetensors"
+    # A normal file mode (safetensors alone writes 0600, unreadable to a UI running as another user).
+    assert stat.S_IMODE(result.output.stat().st_mode) == 0o666 & ~_umask()
     tensors, metadata = read_lora(result.output)
 
     # Keys: kohya names only, three per adapted layer, alpha = the trained alpha (not the rank).
@@ -101,18 +111,21 @@ def test_lora_run_writes_a_kohya_file_that_reproduces_the_model(tiny_v, small_da
 
 
 def test_exported_lora_loads_in_diffusers_kohya_loader(tiny_v, small_dataset, tmp_path):
-    """An independent reader: diffusers' own kohya-format converter finds every key."""
+    """An independent reader: diffusers' own kohya-format converter finds every key and
+    applies the file's alpha (4, not the rank 8: a reader that took the rank would
+    apply twice the update)."""
     from diffusers import StableDiffusionPipeline
 
-    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=6"))
+    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=6", "lora.alpha=4", "train.learning_rate=1e-2"))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_v, safety_checker=None)
     base = _unet_output(pipe.unet)
     pipe.load_lora_weights(str(result.output), adapter_name="sdtune")
     loaded = _unet_output(pipe.unet)
     trained = _unet_output(result.unet)
-    assert (trained - base).abs().max() > 1e-4
-    # fp16 export (the default): agreement to half precision.
+    # fp16 export (the default): agreement to half precision, far closer than the
+    # LoRA's own effect (which a wrong alpha would double).
     torch.testing.assert_close(loaded, trained, rtol=0, atol=2e-3)
+    assert (loaded - trained).abs().max() < 0.1 * (trained - base).abs().max()
 
 
 def test_lora_goes_in_through_peft_not_the_version_gated_mixins(tiny_v, monkeypatch):
@@ -202,6 +215,8 @@ def test_full_finetune_writes_a_single_file_and_a_diffusers_folder(tiny_eps, sma
     assert not (tmp_path / "out" / "my-finetune.yaml").exists()  # epsilon: no A1111 sidecar needed
     single_unet = build_models(checkpoint, torch.float16)[0]
     folder = tmp_path / "out" / "my-finetune"
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in [result.output, *folder.rglob("*")] if p.is_file()}
+    assert modes == {0o666 & ~_umask()}
     with safe_open(str(folder / "unet/diffusion_pytorch_model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # export.dtype
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, dtype=torch.float16)
@@ -215,11 +230,26 @@ def test_full_finetune_writes_a_single_file_and_a_diffusers_folder(tiny_eps, sma
     assert len(changed) > 0.9 * len(list(base.parameters()))
 
 
-def test_adamw8bit_runs_on_cpu(tiny_v, small_dataset, tmp_path):
+def test_adamw8bit_keeps_8bit_state_on_cpu(tiny_eps, small_dataset, tmp_path, loss_inputs):
+    """A full fine-tune (bitsandbytes quantizes the state of tensors of 4096+ elements;
+    a tiny LoRA's are all smaller): the big weights' Adam moments are uint8, and the
+    weights move."""
     pytest.importorskip("bitsandbytes")
-    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "train.optimizer=adamw8bit"))
-    with safe_open(str(result.output), framework="pt") as handle:
-        assert any(k.endswith("lora_up.weight") and handle.get_tensor(k).abs().max() > 0 for k in handle.keys())
+    result = main([
+        "--recipe", "recipes/full_finetune.yaml",
+        *[a for item in (
+            f"model.path={tiny_eps}", f"data.path={small_dataset}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"output.dir={tmp_path / 'out'}", "data.resolution=64", "train.max_steps=2", "train.mixed_precision=no",
+            "train.logger=none", "train.gradient_checkpointing=false", "train.lr_warmup_steps=0", "train.learning_rate=1e-4",
+            "train.optimizer=adamw8bit", "export.dtype=fp32",
+        ) for a in ("--set", item)],
+    ])
+    (optimizer,) = loss_inputs[1]
+    assert type(optimizer).__name__ == "AdamW8bit"
+    big = [p for p in result.unet.parameters() if p.numel() >= 4096]
+    assert big and all(optimizer.state[p]["state1"].dtype == torch.uint8 for p in big)
+    base = UNet2DConditionModel.from_pretrained(tiny_eps, subfolder="unet").state_dict()
+    assert all(not torch.equal(p, base[n]) for n, p in result.unet.named_parameters() if p.numel() >= 4096)
 
 
 def test_same_seed_same_lora_and_accumulation_counts_optimizer_steps(tiny_v, small_dataset, tmp_path):
@@ -300,21 +330,120 @@ def test_non_finite_loss_never_writes_weights(tiny_v, small_dataset, tmp_path, p
     assert not (tmp_path / "out" / "tiny-demo.safetensors").exists()
 
 
+@pytest.fixture
+def loss_inputs(monkeypatch):
+    """What reaches the loss at every micro-batch of a run (the trainer's own
+    denoising_loss, recorded on the way in), and the optimizers it built."""
+    import sdtune.train as trainer
+
+    seen, optimizers = [], []
+    real_loss, real_optimizer = trainer.denoising_loss, trainer.make_optimizer
+
+    def record(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise=None):
+        seen.append({
+            "conditioning": conditioning.detach().clone(), "noise": noise.detach().clone(), "timesteps": timesteps.clone(),
+            "objective": objective, "input_noise": None if input_noise is None else input_noise.detach().clone(),
+            "lr": optimizers[-1].param_groups[0]["lr"],
+        })
+        return real_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise)
+
+    def make_optimizer(*args, **kwargs):
+        optimizers.append(real_optimizer(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(trainer, "denoising_loss", record)
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+    return seen, optimizers
+
+
+def _recorded(loss_inputs, key):
+    return torch.cat([entry[key] for entry in loss_inputs[0]])
+
+
+OPTION_RUN = ("train.max_steps=10", "data.caption_dropout=0", "train.lr_warmup_steps=0")
+
+
+def test_timestep_range_and_logit_normal_reach_the_loss(tiny_v, small_dataset, tmp_path, loss_inputs):
+    main(_args(tiny_v, small_dataset, tmp_path, *OPTION_RUN, "output.name=plain"))
+    plain = _recorded(loss_inputs, "timesteps").float()
+    loss_inputs[0].clear()
+    main(_args(tiny_v, small_dataset, tmp_path, *OPTION_RUN, "train.timestep_sampling=logit_normal", "train.logit_mean=0.3",
+               "train.min_timestep=100", "train.max_timestep=900"))
+    shaped = _recorded(loss_inputs, "timesteps").float()
+    assert len(shaped) == len(plain) == 80
+    assert shaped.min() >= 100 and shaped.max() < 900
+    assert plain.min() < 100 and plain.max() >= 900  # without the range, the whole schedule is drawn
+    # Logit-normal(0.3, 1) over [100, 900): the logits have std ~1; uniform ones have pi/sqrt(3) ~ 1.8.
+    logit = torch.logit((shaped - 100 + 0.5) / 800)
+    assert logit.std() < 1.3 and 0.0 < logit.mean() < 0.6
+    assert torch.logit((plain + 0.5) / 1000).std() > 1.5
+
+
+def test_noise_offset_and_input_perturbation_reach_the_loss(tiny_v, small_dataset, tmp_path, loss_inputs):
+    main(_args(tiny_v, small_dataset, tmp_path, *OPTION_RUN, "output.name=plain"))
+    plain = loss_inputs[0][:]
+    assert all(entry["input_noise"] is None for entry in plain)
+    loss_inputs[0].clear()
+    main(_args(tiny_v, small_dataset, tmp_path, *OPTION_RUN, "train.noise_offset=0.5", "train.noise_offset_random_strength=true",
+               "train.input_perturbation=0.1"))
+    # Per-(sample, channel) means of 8x8 noise: std 1/8 plain; the offset (strength uniform in [0, 0.5]) adds ~0.29.
+    plain_means = torch.cat([e["noise"] for e in plain]).mean(dim=(2, 3))
+    offset_means = _recorded(loss_inputs, "noise").mean(dim=(2, 3))
+    assert plain_means.std() < 0.16 < 0.22 < offset_means.std()
+    # x_t is made from perturbed noise; the target keeps the clean noise (tested in test_diffusion.py).
+    perturbation = _recorded(loss_inputs, "input_noise") - _recorded(loss_inputs, "noise")
+    assert 0.09 < perturbation.std() < 0.11
+
+
+def test_caption_dropout_reaches_the_loss(tiny_v, small_dataset, tmp_path, loss_inputs):
+    from sdtune.data.captions import tokenize
+    from sdtune.models import encode_prompts
+
+    parts = load_components(tiny_v, "v_prediction", zero_terminal_snr=True)
+    with torch.no_grad():
+        empty = encode_prompts(parts.text_encoder, tokenize(parts.tokenizer, [""]))[0]
+
+    def empty_fraction() -> float:
+        conditioning = _recorded(loss_inputs, "conditioning")
+        return sum(torch.allclose(row, empty, atol=1e-5) for row in conditioning) / len(conditioning)
+
+    main(_args(tiny_v, small_dataset, tmp_path, *OPTION_RUN, "output.name=plain"))
+    assert empty_fraction() == 0
+    loss_inputs[0].clear()
+    main(_args(tiny_v, small_dataset, tmp_path, *OPTION_RUN, "data.caption_dropout=0.5"))
+    assert 0.3 < empty_fraction() < 0.7  # 80 samples at p = 0.5
+
+
+def test_loss_type_and_weighting_reach_the_loss(tiny_v, small_dataset, tmp_path, loss_inputs):
+    from sdtune.diffusion import Objective
+
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=plain"))
+    assert {e["objective"] for e in loss_inputs[0]} == {Objective(min_snr_gamma=5.0)}  # the demo recipe's
+    loss_inputs[0].clear()
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "train.loss_type=huber", "train.huber_c=0.05",
+               "train.min_snr_gamma=null", "train.debiased_estimation=true"))
+    assert {e["objective"] for e in loss_inputs[0]} == {Objective(None, True, "huber", 0.05)}
+
+
 @pytest.mark.parametrize(
-    "options",
+    "options,optimizer,rising_then_falling",
     [
-        ["train.timestep_sampling=logit_normal", "train.logit_mean=0.3", "train.min_timestep=100", "train.max_timestep=900"],
-        ["train.loss_type=huber", "train.huber_c=0.05", "train.min_snr_gamma=null", "train.debiased_estimation=true"],
-        ["train.input_perturbation=0.1", "train.noise_offset=0.05", "train.noise_offset_random_strength=true"],
-        ["train.optimizer=adafactor", "train.lr_scheduler=one_cycle", "train.lr_warmup_steps=1", "train.max_steps=4"],
-        ["train.optimizer=prodigy", "train.learning_rate=1.0", "train.lr_scheduler=cosine_with_restarts", "train.lr_num_cycles=2"],
+        (["train.optimizer=adafactor", "train.lr_scheduler=one_cycle", "train.lr_warmup_steps=2", "train.max_steps=6"], "Adafactor", True),
+        (["train.optimizer=prodigy", "train.learning_rate=1.0", "train.lr_scheduler=cosine_with_restarts", "train.lr_num_cycles=2",
+          "train.lr_warmup_steps=0", "train.max_steps=6"], "Prodigy", False),
     ],
-    ids=["timesteps", "loss", "noise", "adafactor", "prodigy"],
+    ids=["adafactor-one_cycle", "prodigy-cosine_restarts"],
 )
-def test_training_options_run(tiny_v, small_dataset, tmp_path, options):
-    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", *options))
-    steps = 4 if "train.max_steps=4" in options else 3
-    assert len(result.losses) == steps and all(torch.isfinite(torch.tensor(result.losses)))
+def test_optimizer_and_schedule_options_are_the_ones_used(tiny_v, small_dataset, tmp_path, loss_inputs, options, optimizer, rising_then_falling):
+    result = main(_args(tiny_v, small_dataset, tmp_path, *options))
+    assert [type(o).__name__ for o in loss_inputs[1]] == [optimizer]
+    lrs = [e["lr"] for e in loss_inputs[0]]
+    assert len(lrs) == 6 and len(set(lrs)) > 2  # the schedule moves the lr every step
+    peak = lrs.index(max(lrs))
+    if rising_then_falling:  # one-cycle: up over the warm-up, then down
+        assert 0 < peak < 5 and lrs[0] < lrs[peak] > lrs[-1]
+    else:  # cosine with 2 restarts: falls, jumps back up, falls again
+        assert any(b > a for a, b in zip(lrs[1:], lrs[2:])) and lrs[0] == max(lrs)
     tensors, _ = read_lora(result.output)
     assert any(k.endswith("lora_up.weight") and tensors[k].abs().max() > 0 for k in tensors)
 
@@ -415,6 +544,7 @@ def test_lora_presets_locon_conv_rank_and_text_encoder_stop(tiny_v, small_datase
     result = main(_args(
         tiny_v, small_dataset, tmp_path, "train.max_steps=4", "lora.preset=locon", "lora.conv_rank=4", "lora.conv_alpha=2",
         "lora.init=gaussian", "lora.text_encoder=true", "train.text_encoder_steps=2", "export.dtype=fp32",
+        "checkpoint.every_steps=2",
     ))
     tensors, metadata = read_lora(result.output)
     layers = {k.split(".", 1)[0] for k in tensors}
@@ -424,10 +554,13 @@ def test_lora_presets_locon_conv_rank_and_text_encoder_stop(tiny_v, small_datase
     assert tensors[f"{conv1}.alpha"].item() == 2.0
     assert tensors["lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight"].shape[0] == 8  # linear: lora.rank
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0"}
-    # The text-encoder LoRA trained for 2 of the 4 steps, then stayed as it was.
-    assert all(not p.requires_grad for n, p in result.text_encoder.named_parameters())
+    # The text-encoder LoRA trained for 2 of the 4 steps, then stayed as it was: its
+    # weights at the end are those of the step-2 export, while the UNet's moved on.
     te = [k for k in tensors if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
     assert te and all(tensors[k].abs().max() > 0 for k in te)
+    at_step_2, _ = read_lora(tmp_path / "out" / "tiny-demo-step000002.safetensors")
+    assert all(torch.equal(tensors[k], at_step_2[k]) for k in tensors if k.startswith("lora_te_"))
+    assert not torch.equal(tensors[f"{conv1}.lora_up.weight"], at_step_2[f"{conv1}.lora_up.weight"])
     # Everything merges back by the UIs' rule (layer names and conv shapes line up).
     merge_lora(tensors, UNet2DConditionModel.from_pretrained(tiny_v, subfolder="unet"), CLIPTextModel.from_pretrained(tiny_v, subfolder="text_encoder"))
     with pytest.raises(RecipeError, match="only with lora.preset: custom"):
@@ -496,14 +629,17 @@ def test_full_finetune_with_the_text_encoder(tiny_eps, small_dataset, tmp_path):
             f"output.dir={tmp_path / 'out'}", "data.resolution=64", "train.max_steps=3", "train.batch_size=4",
             "train.mixed_precision=no", "train.optimizer=adamw", "train.logger=none", "train.gradient_checkpointing=false",
             "train.lr_warmup_steps=0", "train.learning_rate=1e-3", "train.full_text_encoder=true", "train.text_encoder_steps=2",
-            "export.dtype=fp32",
+            "export.dtype=fp32", "checkpoint.every_steps=2",
         ) for a in ("--set", item)],
     ])
     assert result.text_cache is None  # the text encoder trains, so nothing is cached for it
-    assert not any(p.requires_grad for p in result.text_encoder.parameters())  # stopped after step 2
     base = CLIPTextModel.from_pretrained(tiny_eps, subfolder="text_encoder").state_dict()
-    trained = read_checkpoint(result.output).text_encoder
-    changed = [k for k, v in trained.items() if k in base and not torch.equal(v, base[k])]
+    final = read_checkpoint(result.output)
+    changed = [k for k, v in final.text_encoder.items() if k in base and not torch.equal(v, base[k])]
     assert len(changed) > 0.5 * len(base)
+    # It stopped after step 2: the final text encoder is the step-2 one, the UNet moved on.
+    at_step_2 = read_checkpoint(tmp_path / "out" / "my-finetune-step000002.safetensors")
+    assert all(torch.equal(v, at_step_2.text_encoder[k]) for k, v in final.text_encoder.items())
+    assert not all(torch.equal(v, at_step_2.unet[k]) for k, v in final.unet.items())
     with pytest.raises(RecipeError, match="needs train.method: full"):
         load_recipe("recipes/tiny_demo.yaml", ["train.full_text_encoder=true"])
