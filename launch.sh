@@ -30,9 +30,17 @@ make_venv() {  # make_venv DIR
 locked_requirements() {  # locked_requirements LOCK: the lock as pip should install it on this machine
     if command -v nvidia-smi >/dev/null 2>&1; then
         sed -E 's/^(torch==[^+ ]+)\+cpu/\1/' "$1"  # the CUDA build of the locked release
-    else
-        cat "$1"
+        return
     fi
+    # The CPU build: from the local wheels where pip is pointed at them (this
+    # project's machines), else from PyTorch's own index (PyPI has no +cpu builds).
+    local torch dir found=""
+    torch=$(sed -nE 's/^torch==([^ ]+).*/\1/p' "$1")
+    for dir in ${PIP_FIND_LINKS:-}; do
+        compgen -G "$dir/torch-$torch-*.whl" >/dev/null && found=1
+    done
+    [ -n "$found" ] || echo "--extra-index-url https://download.pytorch.org/whl/cpu"
+    cat "$1"
 }
 
 setup() {  # setup run|test: install requirements/<kind>.lock, then sdtune itself, once per lock
