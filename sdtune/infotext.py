@@ -21,7 +21,6 @@ editing metadata does not change it).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from sdtune import atomic
+from sdtune.hashes import file_sha256
 
 PARAMETERS_KEY = "parameters"  # the PNG tEXt keyword A1111 reads and writes
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -89,18 +89,6 @@ def read_png_parameters(path: str | Path) -> str:
         if PARAMETERS_KEY not in image.info:
             raise ValueError(f"{path} has no '{PARAMETERS_KEY}' text chunk; it was not written by sdtune or A1111")
         return image.info[PARAMETERS_KEY]
-
-
-def file_sha256(path: str | Path, skip_safetensors_header: bool = False) -> str:
-    """SHA-256 of a file; with ``skip_safetensors_header``, of the tensor bytes only (kohya's addnet hash)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        if skip_safetensors_header:
-            header_size = int.from_bytes(handle.read(8), "little")
-            handle.seek(8 + header_size)
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def lora_short_hash(path: str | Path, metadata: dict[str, str]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtune.diffusion import make_noise_scheduler
+from sdtune.hashes import file_sha256, tensors_sha256, weights_sha256
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Precision names (train.mixed_precision, export.dtype) and the dtype each stores weights in.
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -122,42 +123,6 @@ def base_model_version(text_encoder: CLIPTextModel) -> str:
     """
     config = text_encoder.config
     return "sd_v2" if config.hidden_size == 1024 or config.hidden_act == "gelu" else "sd_v1"
-
-
-def weights_sha256(*folders: Path) -> str:
-    """SHA-256 over the weight (and tokenizer) files of component folders, names included.
-
-    It identifies a component for the caches and the output metadata: the same
-    bytes give the same digest wherever the model lives on disk.
-    """
-    digest = hashlib.sha256()
-    for folder in folders:
-        for file in sorted(p for p in folder.iterdir() if p.is_file()):
-            if file.suffix not in WEIGHT_SUFFIXES + (".json", ".txt"):
-                continue
-            digest.update(f"{folder.name}/{file.name}\0".encode())
-            with open(file, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
-    """SHA-256 over names, dtypes, shapes and bytes: one component of a single file, for the caches."""
-    digest = hashlib.sha256(extra.encode())
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def encode_prompts(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:

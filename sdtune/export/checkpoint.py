@@ -23,6 +23,8 @@ from safetensors import safe_open
 import sdtune
 from sdtune import atomic
 from sdtune.export import ldm_keys as keys
+from sdtune.export.markers import flags_from_file
+from sdtune.export.metadata import MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION
 from sdtune.export.sidecars import a1111_yaml, comfyui_workflow
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -33,13 +35,6 @@ HIDDEN_FIELDS = {
     "vae": ("norm_num_groups", "sample_size", "scaling_factor"),
     "text_encoder": ("num_attention_heads", "hidden_act", "layer_norm_eps", "projection_dim", "bos_token_id", "eos_token_id", "pad_token_id"),
 }  # fmt: skip
-MODELSPEC_ARCHITECTURE = {
-    ("sd_v1", "epsilon"): "stable-diffusion-v1",
-    ("sd_v1", "v_prediction"): "stable-diffusion-v1",
-    ("sd_v2", "epsilon"): "stable-diffusion-v2-512",
-    ("sd_v2", "v_prediction"): "stable-diffusion-v2-768-v",
-}
-MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 @dataclass
@@ -188,7 +183,7 @@ def configs_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], predic
 def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     tensors, metadata = read_tensors(path, allow_pickle)
     version, parts, ignored = split_ldm(tensors)
-    prediction_type, ztsnr = markers(parts["markers"], metadata)
+    prediction_type, ztsnr = flags_from_file(path, set(parts["markers"]), metadata)
     shapes = {k: tuple(v.shape) for part in parts.values() for k, v in part.items()}
     configs = configs_from_shapes(version, shapes, prediction_type)
     stored = json.loads(metadata.get("sdtune.architecture", "{}"))
@@ -216,21 +211,6 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
         metadata=metadata,
         ignored=ignored,
     )
-
-
-def markers(marker_tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str | None, bool | None]:
-    """Prediction type and zero terminal SNR as a file states them (None: it does not say)."""
-    prediction = None
-    if "v_pred" in marker_tensors or metadata.get("modelspec.prediction_type") == "v":
-        prediction = "v_prediction"
-    elif metadata.get("modelspec.prediction_type") == "epsilon":
-        prediction = "epsilon"
-    ztsnr = None
-    if "ztsnr" in marker_tensors or metadata.get("sdtune.zero_terminal_snr") == "True":
-        ztsnr = True
-    elif metadata.get("sdtune.zero_terminal_snr") == "False":
-        ztsnr = False
-    return prediction, ztsnr
 
 
 def build_models(checkpoint: Checkpoint, unet_dtype: torch.dtype = torch.float32):

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from sdtune import atomic
-from sdtune.export.checkpoint import read_checkpoint, read_tensors, save_checkpoint
+from sdtune.export.checkpoint import read_tensors, save_checkpoint
 from sdtune.export.diffusers_folder import save_diffusers_folder
-from sdtune.export.kohya import merge_lora, partial_sd2_attention, peft_to_kohya
+from sdtune.export.kohya import merge_lora, partial_sd2_attention, peft_alphas, peft_to_kohya, read_lora_as_kohya
 from sdtune.export.metadata import converted_lora_metadata
-from sdtune.models import Components, load_components
+from sdtune.export.markers import flags_from_metadata, stated_flags
+from sdtune.models import DTYPES, Components, load_components
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _refuse_overwrite(out: Path, overwrite: bool) -> None:
@@ -22,24 +22,12 @@ def _refuse_overwrite(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
 
 
-def stated_prediction(path: Path, allow_pickle: bool = False) -> tuple[str | None, bool | None]:
-    """What a base model says about its prediction type and terminal SNR (None: it does not say)."""
-    if path.is_file():
-        checkpoint = read_checkpoint(path, allow_pickle)
-        return checkpoint.prediction_type, checkpoint.zero_terminal_snr
-    config_file = path / "scheduler" / "scheduler_config.json"
-    if not config_file.is_file():
-        return None, None
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    return config.get("prediction_type"), config.get("rescale_betas_zero_snr")
-
-
 def load_base(path: str | Path, prediction: str | None, zero_terminal_snr: bool | None, allow_pickle: bool = False) -> tuple[Components, str, bool]:
     """A base model with its prediction type: the one asked for, else the one it states, else epsilon."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; give a diffusers folder or a single-file .safetensors")
-    stated, stated_ztsnr = stated_prediction(path, allow_pickle)
+    stated, stated_ztsnr = stated_flags(path)
     prediction = prediction or stated or "epsilon"
     ztsnr = bool(stated_ztsnr) if zero_terminal_snr is None else zero_terminal_snr
     return load_components(path, prediction, ztsnr, allow_pickle=allow_pickle), prediction, ztsnr
@@ -60,9 +48,7 @@ def export_lora(
         alphas = {"unet": config["lora_alpha"], "text_encoder": config["lora_alpha"]}
         src = src / "adapter_model.safetensors"
     tensors, metadata = read_tensors(src)
-    if "lora_adapter_metadata" in metadata:  # diffusers >= 0.33 stores each component's peft config
-        stored = json.loads(metadata["lora_adapter_metadata"])
-        alphas |= {c: stored[f"{c}.lora_alpha"] for c in ("unet", "text_encoder") if f"{c}.lora_alpha" in stored}
+    alphas |= peft_alphas(metadata, src)
     if alpha is not None:
         alphas = {"unet": alpha, "text_encoder": alpha}
     kohya = peft_to_kohya(tensors, alphas, DTYPES[dtype])
@@ -96,9 +82,10 @@ def export_merge(
     """A kohya LoRA merged into a base model by the UIs' rule, written as a single-file checkpoint."""
     out = Path(out)
     _refuse_overwrite(out, overwrite)
-    tensors, lora_metadata = read_tensors(lora)
-    if prediction is None and lora_metadata.get("modelspec.prediction_type") == "v":
-        prediction = "v_prediction"
+    tensors, lora_metadata = read_lora_as_kohya(lora)
+    lora_prediction, lora_ztsnr = flags_from_metadata(lora_metadata)
+    prediction = prediction or lora_prediction
+    zero_terminal_snr = lora_ztsnr if zero_terminal_snr is None else zero_terminal_snr
     parts, prediction, ztsnr = load_base(base, prediction, zero_terminal_snr, allow_pickle)
     if lora_metadata.get("ss_base_model_version", parts.base_model_version) != parts.base_model_version:
         raise ValueError(f"{lora} was trained on {lora_metadata['ss_base_model_version']}, the base is {parts.base_model_version}")

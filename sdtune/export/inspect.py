@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from sdtune.export import ldm_keys
-from sdtune.export.checkpoint import configs_from_shapes, markers, read_tensors, split_ldm
-from sdtune.export.kohya import partial_sd2_attention
+from sdtune.export.checkpoint import configs_from_shapes, read_tensors, split_ldm
+from sdtune.export.kohya import PEFT_KEY, partial_sd2_attention
+from sdtune.export.markers import flags_from_file
 
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
-PEFT_KEY = re.compile(r"(.+)\.lora_[AB]\.weight")
 # Module kinds a LoRA layer name belongs to, for the rank/alpha summary: first match wins.
 MODULE_KINDS = (
     ("text encoder attention", re.compile(r"lora_te\d?_.*self_attn")),
@@ -134,7 +134,7 @@ def _metadata_lines(report: Report, metadata: dict[str, str]) -> None:
 def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Report:
     report = Report()
     version, parts, ignored = split_ldm(tensors)
-    prediction, ztsnr = markers(parts["markers"], metadata)
+    prediction, ztsnr = flags_from_file(path, set(parts["markers"]), metadata)
     shapes = {k: tuple(v.shape) for part in parts.values() for k, v in part.items()}
     configs = configs_from_shapes(version, shapes, prediction)
     stored = json.loads(metadata.get("sdtune.architecture", "{}"))
@@ -161,7 +161,7 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     if prediction is None and version == "sd_v2":
         report.warnings.append(
             "SD 2 with no prediction-type marker: ComfyUI guesses eps/v from the weights and A1111 from a test run; "
-            "`sdtune export checkpoint --prediction v|eps` rewrites it with markers"
+            "`sdtune export checkpoint --prediction-type v|eps` rewrites it with markers"
         )
     if prediction == "v_prediction" and not path.with_suffix(".yaml").exists():
         report.warnings.append(f"v-prediction model without {path.with_suffix('.yaml').name} beside it: A1111 runs it as epsilon (SD 1) or guesses (SD 2)")

@@ -9,6 +9,7 @@ transformers module path with ``.`` replaced by ``_``.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -146,29 +147,51 @@ PEFT_COMPONENTS = (  # first match wins; a bare module path is a UNet's (peft's 
 
 
 def peft_to_kohya(
-    tensors: dict[str, torch.Tensor], alphas: dict[str, float], dtype: torch.dtype = torch.float16
+    tensors: dict[str, torch.Tensor], alphas: dict[str, float], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """A PEFT / diffusers LoRA state dict in kohya names (another trainer's LoRA, or ours saved by peft).
 
     ``alphas`` maps a component (``unet``, ``text_encoder``) to its ``lora_alpha``;
     a component without one keeps diffusers' loading behaviour, alpha = rank (scale 1).
+    Weights keep their dtype unless ``dtype`` is given.
     """
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         match = PEFT_KEY.fullmatch(key)
         if match is None:
-            raise ValueError(f"{key} is not a PEFT LoRA weight (<module>.lora_A.weight / .lora_B.weight); is this file already kohya format?")
+            raise ValueError(
+                f"key {key!r} is neither a kohya LoRA weight (lora_unet_*, lora_te_*) nor a PEFT/diffusers one "
+                "(<module>.lora_A.weight / .lora_B.weight); LoCon/LoHa/LoKr and DoRA files are not supported"
+            )
         path, part = match.groups()
         component, prefix = next((c, p) for c, p in PEFT_COMPONENTS if path.startswith(c))
-        module = path.removeprefix(component)
-        name = kohya_name(prefix, module)
+        name = kohya_name(prefix, path.removeprefix(component))
         pairs.setdefault(name, {"component": "text_encoder" if prefix == TEXT_ENCODER_PREFIX else "unet"})[part] = value
     out: dict[str, torch.Tensor] = {}
     for name, parts in pairs.items():
         if "A" not in parts or "B" not in parts:
             raise ValueError(f"{name}: only one of lora_A/lora_B is present; the file is incomplete")
         rank = parts["A"].shape[0]
-        out[f"{name}.lora_down.weight"] = parts["A"].to(dtype)
-        out[f"{name}.lora_up.weight"] = parts["B"].to(dtype)
+        out[f"{name}.lora_down.weight"] = parts["A"] if dtype is None else parts["A"].to(dtype)
+        out[f"{name}.lora_up.weight"] = parts["B"] if dtype is None else parts["B"].to(dtype)
         out[f"{name}.alpha"] = torch.tensor(float(alphas.get(parts["component"], rank)), dtype=torch.float32)
     return out
+
+
+def peft_alphas(metadata: dict[str, str], source: str | Path) -> dict[str, float]:
+    """Each component's ``lora_alpha`` as diffusers (>= 0.33) records it in ``lora_adapter_metadata``."""
+    adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    if any(adapter.get(f"{c}.{pattern}") for c in ("unet", "text_encoder") for pattern in ("alpha_pattern", "rank_pattern")):
+        raise ValueError(f"{source} sets per-layer ranks or alphas (rank_pattern/alpha_pattern), which sdtune does not convert")
+    return {c: float(adapter[f"{c}.lora_alpha"]) for c in ("unet", "text_encoder") if adapter.get(f"{c}.lora_alpha") is not None}
+
+
+def read_lora_as_kohya(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A kohya LoRA file as it is, or a PEFT/diffusers one converted to kohya names (same merge rule)."""
+    tensors, metadata = read_lora(path)
+    if not any(key.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)) for key in tensors):
+        try:
+            tensors = peft_to_kohya(tensors, peft_alphas(metadata, path))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return tensors, metadata

@@ -7,14 +7,15 @@ import json
 
 import sdtune
 
-# modelspec (Stability AI's model metadata spec), as kohya writes it for SD 1.x/2.x.
-_ARCHITECTURE = {
+# modelspec (Stability AI's model metadata spec), as kohya writes it for SD 1.x/2.x
+# (a LoRA's architecture adds "/lora").
+MODELSPEC_ARCHITECTURE = {
     ("sd_v1", "epsilon"): "stable-diffusion-v1",
     ("sd_v1", "v_prediction"): "stable-diffusion-v1",
     ("sd_v2", "epsilon"): "stable-diffusion-v2-512",
     ("sd_v2", "v_prediction"): "stable-diffusion-v2-768-v",
 }
-_MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 def lora_metadata(
@@ -82,10 +83,10 @@ def _ui_keys(base_model_version: str, prediction_type: str, rank: int, alpha: fl
         "ss_network_alpha": str(alpha),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{_ARCHITECTURE[(base_model_version, prediction_type)]}/lora",
+        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[(base_model_version, prediction_type)]}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
-        "modelspec.prediction_type": _MODELSPEC_PREDICTION[prediction_type],
+        "modelspec.prediction_type": MODELSPEC_PREDICTION[prediction_type],
         "modelspec.date": now.isoformat(),
         "sdtune.version": sdtune.__version__,
     }

@@ -1,0 +1,65 @@
+"""What a file says about its prediction type and zero terminal SNR (shared/DESIGN.md, rule 6).
+
+Read in one place for every reader (training on a single file, sampling, export,
+inspect). A file says it through, first to last: the empty ``v_pred`` / ``ztsnr``
+marker tensors ComfyUI writes; safetensors metadata (``modelspec.prediction_type``,
+``sdtune.zero_terminal_snr``, kohya's ``ss_v_parameterization`` /
+``ss_zero_terminal_snr``); an A1111 ``<file>.yaml`` sidecar with
+``parameterization: "v"``; for a diffusers folder, its scheduler config.
+``None`` means the file does not say.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from safetensors import safe_open
+
+from sdtune.recipe import PREDICTION_ALIASES
+
+_SIDECAR_V = re.compile(r"""parameterization:\s*["']?v["']?\s*$""", re.MULTILINE)
+
+Flags = tuple[str | None, bool | None]  # (prediction type, zero terminal SNR)
+
+
+def _true(text: str | None) -> bool | None:
+    return None if text is None else text.strip().lower() == "true"
+
+
+def flags_from_metadata(metadata: dict[str, str]) -> Flags:
+    """Ours and modelspec first, then kohya's training keys."""
+    prediction = PREDICTION_ALIASES.get(metadata.get("modelspec.prediction_type", "").strip().lower())
+    if prediction is None and "ss_v_parameterization" in metadata:
+        prediction = "v_prediction" if _true(metadata["ss_v_parameterization"]) else "epsilon"
+    ztsnr = _true(metadata.get("sdtune.zero_terminal_snr", metadata.get("ss_zero_terminal_snr")))
+    return prediction, ztsnr
+
+
+def flags_from_file(path: str | Path, keys: set[str], metadata: dict[str, str]) -> Flags:
+    """A single file's flags from its tensor names and metadata, then its A1111 sidecar."""
+    prediction, ztsnr = flags_from_metadata(metadata)
+    if "v_pred" in keys:
+        prediction = "v_prediction"
+    if "ztsnr" in keys:
+        ztsnr = True
+    sidecar = Path(path).with_suffix(".yaml")
+    if prediction is None and sidecar.is_file() and _SIDECAR_V.search(sidecar.read_text(encoding="utf-8", errors="replace")):
+        prediction = "v_prediction"
+    return prediction, ztsnr
+
+
+def stated_flags(path: str | Path) -> Flags:
+    """What a model (diffusers folder, or single file: safetensors, or a pickle's sidecar) says."""
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / "scheduler" / "scheduler_config.json"
+        if not config_file.is_file():
+            return None, None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        return config.get("prediction_type"), config.get("rescale_betas_zero_snr")
+    if path.suffix != ".safetensors":  # a pickle says nothing without unpickling; its sidecar may
+        return flags_from_file(path, set(), {})
+    with safe_open(str(path), framework="pt") as handle:
+        return flags_from_file(path, set(handle.keys()), dict(handle.metadata() or {}))
