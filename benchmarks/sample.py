@@ -4,7 +4,7 @@
     python benchmarks/sample.py --model DIR --size 512 --steps 25 --batch 4
 
 One warm-up generation first (kernel selection, allocator), then ``--repeats``
-timed generations of ``--batch`` images through ``sdtune.sample.generate``: text
+timed generations of ``--batch`` images through ``sdtune.samplers.generate``: text
 encoding, ``--steps`` UNet evaluations with classifier-free guidance (a batch of
 2x``--batch``) and the VAE decode. ``s_per_step`` is the whole generation's time
 over its steps, so it includes that fixed overhead.
@@ -27,7 +27,8 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from sdtune.sample import generate, load_pipeline, make_sampler
+from sdtune.pipeline import load_pipeline
+from sdtune.samplers import generate, make_sampler
 from sdtune.tiny import make_tiny
 
 

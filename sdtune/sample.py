@@ -1,399 +1,33 @@
-"""Generate images with a base model and LoRAs: ``sdtune sample``, X/Y grids, base-vs-fine-tune comparisons.
+"""``sdtune sample``: images, X/Y grids and base-vs-fine-tune comparisons from a model and LoRAs.
 
     sdtune sample --model BASE [--lora FILE[:WEIGHT] ...] --prompt "..." --out DIR
     sdtune sample --model BASE --lora my.safetensors --prompt "..." --grid x=steps:10,20,40 y=cfg:3,7,11 --out DIR
     sdtune sample --model BASE --lora my.safetensors --prompt-file prompts.txt --compare --out DIR
 
-The library half is plain functions the trainer's previews reuse: ``load_pipeline``
-(a model and its LoRAs, with prediction type and zero terminal SNR read from the
-files), ``make_sampler`` (a diffusers scheduler by name) and ``generate``. The
-command half turns the arguments into a list of ``Job``s (one image each), runs
-them in batches and writes PNGs carrying A1111-format parameters (``infotext``).
+The arguments become a list of ``Job``s (one image each), run in batches
+(``sdtune.pipeline`` loads the model and LoRAs, ``sdtune.samplers`` draws), and
+written as PNGs carrying A1111-format parameters (``infotext``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    StableDiffusionPipeline,
-    UniPCMultistepScheduler,
-)
+from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
-from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from sdtune import grid as grids
 from sdtune import infotext
-from sdtune.export.kohya import TEXT_ENCODER_PREFIX, UNET_PREFIX, addressable_layers, kohya_name, merge_lora, read_lora
-from sdtune.models import weights_sha256
-
-# Lin et al. 2023, section 3.4: CFG rescale 0.7 keeps a zero-terminal-SNR model from over-exposing.
-ZTSNR_CFG_RESCALE = 0.7
-LORA_KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-
-
-class DDPMMeanScheduler(DDIMScheduler):
-    """DDPM that steps to the posterior mean and adds no noise: ``--ddpm-no-noise``, a teaching switch.
-
-    DDPM's reverse step is ``x_{t-1} = mu_t(x_t, x0_hat) + sigma_t * z``. Leaving out
-    ``sigma_t * z`` looks harmless but is not: each step then lands on the mean of
-    what the model believes, the errors never get re-randomised, and the samples
-    collapse toward a blurry average; the contrast is the point of the switch.
-
-    DDIM with ``eta = 1`` has exactly DDPM's posterior variance, so its
-    deterministic part is DDPM's ``mu_t`` (Song et al. 2021, eq. 12 and 16); we
-    call that public step with the variance noise set to zero rather than
-    re-deriving ``mu_t``. ``set_alpha_to_one`` makes the last step land on
-    ``x0_hat`` as DDPM's does. tests/test_sample.py checks this step equals
-    DDPMScheduler's step minus its noise.
-    """
-
-    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
-             variance_noise=None, return_dict=True):
-        return super().step(model_output, timestep, sample, eta=1.0, variance_noise=torch.zeros_like(sample),
-                            return_dict=return_dict)
-
-
-@dataclass(frozen=True)
-class Sampler:
-    scheduler: type
-    a1111_name: str  # what A1111 writes as "Sampler:"
-    options: tuple[tuple[str, object], ...] = ()
-    zero_terminal_snr: bool = True  # diffusers implements the rescaled schedule for it
-
-
-SAMPLERS = {
-    "ddpm": Sampler(DDPMScheduler, "DDPM"),
-    "ddim": Sampler(DDIMScheduler, "DDIM"),
-    "euler": Sampler(EulerDiscreteScheduler, "Euler"),
-    "euler_a": Sampler(EulerAncestralDiscreteScheduler, "Euler a"),
-    "dpmpp_2m": Sampler(DPMSolverMultistepScheduler, "DPM++ 2M", (("algorithm_type", "dpmsolver++"), ("solver_order", 2))),
-    "unipc": Sampler(UniPCMultistepScheduler, "UniPC"),
-    "heun": Sampler(HeunDiscreteScheduler, "Heun", zero_terminal_snr=False),
-}
-SAMPLER_BY_A1111_NAME = {s.a1111_name: name for name, s in SAMPLERS.items()}
-
-
-def sampling_config(base_config: dict, prediction_type: str, zero_terminal_snr: bool) -> dict:
-    """A model's scheduler config with the prediction type and terminal SNR it was trained for.
-
-    Zero terminal SNR samples from the last timestep ("trailing" spacing, Lin et
-    al. 2023, section 3.3), the same rule as the training schedule in diffusion.py.
-    """
-    config = {key: value for key, value in dict(base_config).items() if not key.startswith("_")}
-    config["prediction_type"] = prediction_type
-    config["rescale_betas_zero_snr"] = zero_terminal_snr
-    if zero_terminal_snr:
-        config["timestep_spacing"] = "trailing"
-    return config
-
-
-def make_sampler(name: str, config: dict, ddpm_noise: bool = True):
-    """The diffusers scheduler called ``name``, on the model's schedule (``sampling_config``)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    sampler = SAMPLERS[name]
-    if config.get("rescale_betas_zero_snr") and not sampler.zero_terminal_snr:
-        raise ValueError(f"sampler {name} has no zero-terminal-SNR schedule in diffusers; use euler, dpmpp_2m or ddim")
-    if not ddpm_noise:
-        if name != "ddpm":
-            raise ValueError("--ddpm-no-noise applies to the ddpm sampler only; add --sampler ddpm")
-        return DDPMMeanScheduler.from_config(config, set_alpha_to_one=True)
-    return sampler.scheduler.from_config(config, **dict(sampler.options))
-
-
-def default_cfg_rescale(zero_terminal_snr: bool) -> float:
-    return ZTSNR_CFG_RESCALE if zero_terminal_snr else 0.0
-
-
-# --- Reading prediction type and zero terminal SNR from the files -------------------------------
-
-_PREDICTION = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
-
-
-def _true(text: str | None) -> bool | None:
-    return None if text is None else text.strip().lower() == "true"
-
-
-def flags_from_metadata(metadata: dict[str, str]) -> tuple[str | None, bool | None]:
-    """``(prediction type, zero terminal SNR)`` from safetensors metadata; None where it says nothing.
-
-    Ours and modelspec first (``modelspec.prediction_type``, ``sdtune.zero_terminal_snr``),
-    then kohya's training keys (``ss_v_parameterization``, ``ss_zero_terminal_snr``).
-    """
-    prediction = _PREDICTION.get(metadata.get("modelspec.prediction_type", "").strip().lower())
-    if prediction is None and "ss_v_parameterization" in metadata:
-        prediction = "v_prediction" if _true(metadata["ss_v_parameterization"]) else "epsilon"
-    ztsnr = _true(metadata.get("sdtune.zero_terminal_snr", metadata.get("ss_zero_terminal_snr")))
-    return prediction, ztsnr
-
-
-def single_file_flags(path: str | Path) -> tuple[str | None, bool | None]:
-    """Flags of a single-file checkpoint: the empty ``v_pred`` / ``ztsnr`` marker tensors
-    ComfyUI writes, the metadata, and an A1111 ``<file>.yaml`` sidecar's
-    ``parameterization: "v"`` (shared/DESIGN.md, rule 6)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return None, None
-    with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
-        prediction, ztsnr = flags_from_metadata(dict(handle.metadata() or {}))
-    if "v_pred" in keys:
-        prediction = "v_prediction"
-    if "ztsnr" in keys:
-        ztsnr = True
-    sidecar = path.with_suffix(".yaml")
-    if prediction is None and sidecar.is_file():
-        if re.search(r"""parameterization:\s*["']?v["']?\s*$""", sidecar.read_text(), re.MULTILINE):
-            prediction = "v_prediction"
-    return prediction, ztsnr
-
-
-# --- Models and LoRAs ------------------------------------------------------------------------------
-
-
-@dataclass
-class Lora:
-    path: Path
-    name: str  # the file's stem: A1111's alias in `<lora:name:weight>` and `Lora hashes`
-    short_hash: str
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str]
-
-
-@dataclass
-class Model:
-    pipe: StableDiffusionPipeline
-    name: str
-    short_hash: str  # A1111's "Model hash": 10 hex digits
-    prediction_type: str
-    zero_terminal_snr: bool
-    flags_from: str  # which file said so, for the line we print
-    sampling_config: dict
-    loras: list[Lora]
-    # The base weights of every layer a LoRA changes, so any weights can be set again exactly.
-    base_weights: dict[str, tuple[torch.nn.Module, torch.Tensor]] = field(repr=False)
-    lora_weights: tuple[float, ...] = ()  # what is merged in now
-
-
-# diffusers' `save_lora_weights` (peft) files: `<component>.<module path>.lora_A.weight` (down) and
-# `.lora_B.weight` (up), alpha in the `lora_adapter_metadata` JSON as `<component>.lora_alpha`.
-PEFT_COMPONENTS = {"unet": UNET_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
-PEFT_SUFFIXES = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
-
-
-def kohya_from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> dict[str, torch.Tensor]:
-    """A diffusers/peft SD 1.x/2.x LoRA under kohya names, so it merges by the same rule.
-
-    Without a recorded alpha the scale is 1 (alpha = rank), as diffusers loads it.
-    """
-    adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    if any(adapter.get(f"{component}.alpha_pattern") for component in PEFT_COMPONENTS):
-        raise ValueError(f"{path} sets per-layer alphas (alpha_pattern), which sdtune sample does not read")
-    kohya = {}
-    for key, value in tensors.items():
-        component, _, rest = key.partition(".")
-        suffix = next((s for s in PEFT_SUFFIXES if rest.endswith(s)), None)
-        if component not in PEFT_COMPONENTS or suffix is None:
-            raise ValueError(f"{path}: key {key!r} is neither kohya (lora_unet_*, lora_te_*) nor diffusers/peft "
-                             "(unet.*.lora_A.weight, text_encoder.*.lora_B.weight); sdtune sample cannot read it")
-        name = kohya_name(PEFT_COMPONENTS[component], rest.removesuffix(suffix))
-        kohya[name + PEFT_SUFFIXES[suffix]] = value
-        if adapter.get(f"{component}.lora_alpha") is not None:
-            kohya[f"{name}.alpha"] = torch.tensor(float(adapter[f"{component}.lora_alpha"]))
-    return kohya
-
-
-def read_lora_file(path: str | Path) -> Lora:
-    """A kohya LoRA (what sdtune train writes), or a diffusers/peft one converted to kohya names."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
-    tensors, metadata = read_lora(path)
-    if not any(key.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)) for key in tensors):
-        tensors = kohya_from_peft(tensors, metadata, path)
-    foreign = [key for key in tensors if not key.endswith(LORA_KEY_SUFFIXES)]
-    if foreign:
-        raise ValueError(
-            f"{path} is not a plain LoRA (found key {foreign[0]!r}); sdtune sample reads lora_down/lora_up/alpha "
-            "layers (LoCon/LoHa/LoKr and DoRA files are not supported)"
-        )
-    short_hash = infotext.lora_short_hash(path, metadata)
-    return Lora(path=path, name=path.stem, short_hash=short_hash, tensors=tensors, metadata=metadata)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_pipeline(
-    model_path: str | Path,
-    lora_paths: list[str | Path] = (),
-    device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> Model:
-    """Load a base model (diffusers folder or single-file checkpoint) with LoRAs ready to merge at any weight.
-
-    The prediction type and zero terminal SNR come from the files: the LoRAs'
-    metadata when it says (a LoRA trained for v-prediction makes the model
-    v-prediction), otherwise the base model's scheduler config or single-file
-    markers. LoRAs that disagree are an error.
-    """
-    model_path = Path(model_path)
-    device = device or default_device()
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if not model_path.exists():
-        raise FileNotFoundError(f"--model {model_path} does not exist; point it at a diffusers model folder or a .safetensors checkpoint")
-    loras = [read_lora_file(p) for p in lora_paths]
-    names = [lora.name for lora in loras]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two LoRA files share a name ({', '.join(names)}); prompts and hashes name LoRAs by file name, so rename one")
-    if model_path.is_file():
-        prediction, ztsnr = single_file_flags(model_path)
-        pipe, short_hash = load_single_file(model_path, dtype)
-        flags_from = str(model_path)
-    else:
-        if not (model_path / "model_index.json").is_file():
-            raise ValueError(f"--model {model_path} has no model_index.json; it is not a diffusers model folder")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        ztsnr = bool(pipe.scheduler.config.get("rescale_betas_zero_snr", False))
-        short_hash = weights_sha256(model_path / "unet", model_path / "text_encoder", model_path / "vae")[:10]
-        flags_from = str(model_path / "scheduler" / "scheduler_config.json")
-    # A LoRA trained for v-prediction / zero terminal SNR makes the model so: its metadata wins.
-    said = [(lora, *flags_from_metadata(lora.metadata)) for lora in loras]
-    for kind, column in (("prediction type", 1), ("zero terminal SNR", 2)):
-        if len({flags[column] for flags in said if flags[column] is not None}) > 1:
-            raise ValueError(f"the LoRAs disagree on {kind} ({', '.join(str(f[0].path) for f in said)}); sample them separately")
-    for lora, lora_prediction, lora_ztsnr in said:
-        if lora_prediction is not None or lora_ztsnr is not None:
-            prediction = prediction if lora_prediction is None else lora_prediction
-            ztsnr = ztsnr if lora_ztsnr is None else lora_ztsnr
-            flags_from = f"{lora.path} (metadata)"
-    prediction, ztsnr = prediction or "epsilon", bool(ztsnr)
-    if ztsnr and prediction != "v_prediction":
-        raise ValueError(f"{flags_from} says zero terminal SNR with {prediction}; zero terminal SNR needs v-prediction")
-    pipe.to(device)
-    for lora in loras:
-        lora.tensors = {key: value.to(device) for key, value in lora.tensors.items()}
-    pipe.set_progress_bar_config(disable=True)  # `sdtune sample` shows one bar over all images
-    layers = addressable_layers(UNET_PREFIX, pipe.unet) | addressable_layers(TEXT_ENCODER_PREFIX, pipe.text_encoder)
-    base_weights = {}
-    for lora in loras:
-        names = {key.split(".", 1)[0] for key in lora.tensors}
-        unknown = sorted(names - layers.keys())
-        if unknown:
-            raise ValueError(f"{lora.path} has {len(unknown)} layer(s) this model lacks, e.g. {unknown[0]}; is it for another base model?")
-        base_weights |= {name: (layers[name], layers[name].weight.detach().clone()) for name in names}
-    return Model(
-        pipe=pipe,
-        name=model_path.stem if model_path.is_file() else model_path.resolve().name,
-        short_hash=short_hash,
-        prediction_type=prediction,
-        zero_terminal_snr=ztsnr,
-        flags_from=flags_from,
-        sampling_config=sampling_config(pipe.scheduler.config, prediction, ztsnr),
-        loras=loras,
-        base_weights=base_weights,
-        lora_weights=(0.0,) * len(loras),
-    )
-
-
-def load_single_file(path: Path, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, str]:
-    """A single-file (LDM) checkpoint as a pipeline, offline (sdtune ships the configs),
-    with A1111's model hash: the first 10 hex digits of the file's SHA-256."""
-    from diffusers import DDIMScheduler
-
-    from sdtune.export.checkpoint import build_models, read_checkpoint
-    from sdtune.models import file_sha256
-    from sdtune.tiny import clip_tokenizer
-
-    checkpoint = read_checkpoint(path)
-    unet, vae, text_encoder = build_models(checkpoint, dtype)
-    pipe = StableDiffusionPipeline(
-        vae=vae.to(dtype),
-        text_encoder=text_encoder.to(dtype),
-        tokenizer=clip_tokenizer(checkpoint.configs["tokenizer"]["pad_token"]),
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(checkpoint.configs["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe, file_sha256(path)[:10]
-
-
-@torch.no_grad()
-def set_lora_weights(model: Model, weights: tuple[float, ...]) -> None:
-    """Merge the model's LoRAs at ``weights`` (one each) into freshly restored base weights.
-
-    Merging is the UIs' rule (``merge_lora``); restoring first makes weight 0 the
-    base model exactly, and lets a grid move between weights without drift.
-    """
-    weights = tuple(float(w) for w in weights)
-    if len(weights) != len(model.loras):
-        raise ValueError(f"{len(weights)} LoRA weights for {len(model.loras)} LoRAs")
-    if weights == model.lora_weights:
-        return
-    for layer, base in model.base_weights.values():
-        layer.weight.copy_(base)
-    for lora, weight in zip(model.loras, weights):
-        merge_lora(lora.tensors, model.pipe.unet, model.pipe.text_encoder, weight)
-    model.lora_weights = weights
-
-
-@torch.no_grad()
-def generate(
-    pipe: StableDiffusionPipeline,
-    prompts: list[str],
-    sampler,
-    steps: int,
-    cfg: float,
-    cfg_rescale: float,
-    seeds: list[int],
-    size: tuple[int, int],
-    negative_prompts: list[str] | None = None,
-) -> list[Image.Image]:
-    """One image per prompt and seed. ``sampler`` is a diffusers scheduler (``make_sampler``);
-    it becomes ``pipe.scheduler``.
-
-    Each image's starting noise comes from a CPU generator seeded with its seed,
-    so a seed gives the same start on any device and in any batch.
-    """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-    pipe.scheduler = sampler
-    width, height = size
-    return pipe(
-        prompt=list(prompts),
-        negative_prompt=list(negative_prompts) if negative_prompts and any(negative_prompts) else None,
-        num_inference_steps=steps,
-        guidance_scale=cfg,
-        guidance_rescale=cfg_rescale,
-        width=width,
-        height=height,
-        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-        output_type="pil",
-    ).images
+from sdtune.pipeline import Model, load_pipeline, set_lora_weights
+from sdtune.samplers import SAMPLER_BY_A1111_NAME, SAMPLERS, ZTSNR_CFG_RESCALE, default_cfg_rescale, generate, make_sampler
 
 
 # --- Jobs: one image each, and the infotext that describes it ----------------------------------
@@ -533,7 +167,7 @@ def next_index(out: Path) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sdtune sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="base model: a diffusers folder (single-file checkpoints: soon)")
+    parser.add_argument("--model", required=True, help="base model: a diffusers folder or a single-file .safetensors checkpoint")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="LoRA file (kohya or diffusers), weight 1 unless given; repeatable")
     parser.add_argument("--prompt", action="append", default=[], help="prompt; repeatable")
     parser.add_argument("--prompt-file", help="file of prompts, one a line (blank lines skipped)")

@@ -19,19 +19,10 @@ from sdtune.export.metadata import lora_metadata
 from sdtune.grid import Axis, axis_label, draw_grid, parse_axis
 from sdtune.infotext import format_parameters, parse_parameters, read_png_parameters
 from sdtune.models import load_components
-from sdtune.sample import (
-    SAMPLERS,
-    DDPMMeanScheduler,
-    Job,
-    generate,
-    job_from_parameters,
-    job_parameters,
-    load_pipeline,
-    make_sampler,
-    sampling_config,
-    set_lora_weights,
-    single_file_flags,
-)
+from sdtune.export.markers import stated_flags
+from sdtune.pipeline import load_pipeline, set_lora_weights
+from sdtune.sample import Job, job_from_parameters, job_parameters
+from sdtune.samplers import SAMPLERS, DDPMMeanScheduler, generate, make_sampler, sampling_config
 
 SIZE = (64, 64)
 
@@ -278,15 +269,15 @@ def test_ztsnr_diffusers_folder_is_read_from_its_scheduler_config(tiny_v, tmp_pa
 def test_single_file_markers_are_read(tmp_path):
     marked = tmp_path / "marked.safetensors"
     save_file({"v_pred": torch.tensor([]), "ztsnr": torch.tensor([]), "x": torch.zeros(1)}, marked)
-    assert single_file_flags(marked) == ("v_prediction", True)
+    assert stated_flags(marked) == ("v_prediction", True)
     by_metadata = tmp_path / "meta.safetensors"
     save_file({"x": torch.zeros(1)}, by_metadata, {"modelspec.prediction_type": "v", "sdtune.zero_terminal_snr": "False"})
-    assert single_file_flags(by_metadata) == ("v_prediction", False)
+    assert stated_flags(by_metadata) == ("v_prediction", False)
     sidecar = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, sidecar)
-    assert single_file_flags(sidecar) == (None, None)
+    assert stated_flags(sidecar) == (None, None)
     sidecar.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
-    assert single_file_flags(sidecar) == ("v_prediction", None)
+    assert stated_flags(sidecar) == ("v_prediction", None)
 
 
 def test_single_file_checkpoint_samples_with_its_markers(tiny_v, tmp_path):
