@@ -95,7 +95,7 @@ def test_every_field_is_documented_in_code_and_in_docs():
 def test_docs_field_reference_is_current():
     from sdtune.recipe import reference_markdown
 
-    assert reference_markdown() in (ROOT / "docs/recipes.md").read_text(encoding="utf-8"), "run: python -m sdtune.recipe"
+    assert reference_markdown() in (ROOT / "docs/recipes.md").read_text(encoding="utf-8"), "run: python -m sdtune.recipe.reference"
 
 
 def test_option_combinations_that_make_no_sense_are_rejected():

@@ -1,29 +1,20 @@
-"""Recipes: one YAML file says everything about a run, validated before any work.
+"""The recipe's sections: every field typed, documented, with one default, and checked.
 
-A recipe has the sections ``model``, ``data``, ``lora``, ``train``, ``output`` and
-``export``. Every field is typed, documented and has one default; a recipe file
-overrides only what differs. Unknown keys are errors that name the key and the
-closest valid one. Command-line overrides use dotted keys
-(``--set train.learning_rate=5e-5``); their values are parsed as YAML scalars.
+Cross-field rules (zero terminal SNR needs v-prediction, ...) are validated here,
+when the recipe loads, not at step 900.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The six CLIP text-encoder layer kinds both UIs can address (shared/DESIGN.md, rule 3).
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PREDICTION_ALIASES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message says what to change."""
 
 
 class _Section(BaseModel):
@@ -288,7 +279,9 @@ class TrainSection(_Section):
     logit_mean: float = Field(0.0, description="Mean of the logit-normal timestep distribution (> 0: noisier steps).")
     logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal timestep distribution.")
     min_timestep: int = Field(0, ge=0, description="Lowest training timestep (inclusive).")
-    max_timestep: int | None = Field(None, ge=1, description="Highest training timestep (exclusive); null: the schedule's length.")
+    max_timestep: int | None = Field(
+        None, ge=1, le=1000, description="Highest training timestep (exclusive, at most SD's 1000); null: the schedule's length."
+    )
     noise_offset: float = Field(0.0, ge=0, description="Std of a per-channel constant added to the noise; 0: off.")
     noise_offset_random_strength: bool = Field(False, description="Scale the noise offset per sample by U(0, 1).")
     input_perturbation: float = Field(
@@ -440,112 +433,3 @@ class Recipe(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``section.key=value`` override to a raw (unvalidated) recipe dict."""
-    if "=" not in assignment:
-        raise RecipeError(f"--set expects key=value (e.g. train.learning_rate=5e-5), got {assignment!r}")
-    dotted, text = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
-    node = raw
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"--set {dotted}: {key!r} is a value, not a section")
-        node = child
-    node[keys[-1]] = yaml.safe_load(text) if text.strip() else ""
-
-
-def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe {path} does not exist")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return recipe_from_dict(raw, source=str(path) if path else "defaults")
-
-
-def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors()]
-        raise RecipeError(f"{source} is not a valid recipe:\n  " + "\n  ".join(problems)) from None
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc = [str(part) for part in err["loc"]]
-    dotted = ".".join(loc)
-    if err["type"] == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"; valid keys here: {', '.join(valid)}"
-        return f"unknown key '{dotted}'{hint}"
-    message = err["msg"].removeprefix("Value error, ")
-    return f"{dotted}: {message}" if dotted else message
-
-
-def _valid_keys(section_path: list[str]) -> list[str]:
-    model: type[BaseModel] = Recipe
-    for part in section_path:
-        if part.isdigit():  # an item of a list of sections (data.sources.0)
-            continue
-        field = model.model_fields.get(part)
-        annotation = _section_model(field.annotation) if field is not None else None
-        if annotation is None:
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The section model of a field that holds one, or a list of them."""
-    if getattr(annotation, "__origin__", None) is list:
-        annotation = annotation.__args__[0]
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def reference_markdown() -> str:
-    """The field reference of docs/recipes.md, made from the models themselves so it cannot drift."""
-    lines: list[str] = []
-    lists: list[tuple[str, type[BaseModel]]] = []
-    for section, holder in Recipe.model_fields.items():
-        lines += _field_table(f"`{section}`", section, holder.annotation)
-        for name, field in holder.annotation.model_fields.items():
-            item = _section_model(field.annotation)
-            if item is not None:
-                lists.append((f"{section}.{name}[]", item))
-    for dotted, model in lists:
-        lines += _field_table(f"`{dotted}` (each item)", dotted, model)
-    return "\n".join(lines)
-
-
-def _field_table(title: str, prefix: str, model: type[BaseModel]) -> list[str]:
-    lines = [f"### {title}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
-    for name, field in model.model_fields.items():
-        default = "required" if field.is_required() else f"`{json.dumps(field.get_default(call_default_factory=True))}`"
-        kind = _type_name(field.annotation).replace("|", "\\|")
-        lines.append(f"| `{prefix}.{name}` | {kind} | {default} | {field.description} |")
-    lines.append("")
-    return lines
-
-
-def _type_name(annotation: Any) -> str:
-    args = getattr(annotation, "__args__", ())
-    if getattr(annotation, "__origin__", None) is Literal:
-        return " | ".join(f"`{a}`" for a in args)
-    if args:  # unions and lists
-        inner = [_type_name(a) for a in args]
-        return f"list[{inner[0]}]" if getattr(annotation, "__origin__", None) is list else " | ".join(inner)
-    return "null" if annotation is type(None) else annotation.__name__
-
-
-if __name__ == "__main__":
-    print(reference_markdown())
