@@ -142,7 +142,7 @@ case "${1:-demo}" in
         [ "${1:-}" = demo ] && shift
         setup run
         if [ ! -f models/tiny-demo/model_index.json ]; then
-            "$VENV/bin/sdtune" make-tiny models/tiny-demo --prediction v
+            "$VENV/bin/sdtune" make-tiny models/tiny-demo --prediction-type v
         fi
         train recipes/tiny_demo.yaml "$@"
         ;;

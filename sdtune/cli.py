@@ -1,13 +1,19 @@
-"""The ``sdtune`` command: ``make-tiny``, ``train``, ``sample``, ``data``, ``cache``, ``export`` (LoRA and checkpoint conversions), ``inspect``."""
+"""The ``sdtune`` command: ``make-tiny``, ``train``, ``sample``, ``data``, ``cache``, ``export`` (LoRA and checkpoint conversions), ``inspect``.
+
+Under accelerate, every command runs as ``accelerate launch -m sdtune COMMAND ...``
+(``accelerate launch sdtune/train.py ...`` is the same as ``... -m sdtune train ...``).
+Flags that set what a recipe field sets are named like it (``--prediction-type``
+for ``model.prediction_type``, ``--zero-terminal-snr``, ``--allow-pickle``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from sdtune.recipe import PREDICTION_ALIASES, Recipe, RecipeError, load_recipe
+from sdtune.errors import run_command
+from sdtune.recipe import PREDICTION_ALIASES, Recipe, load_recipe
 
 TINY_ARCHES = {"sd1": "sd_v1", "sd2": "sd_v2"}
 
@@ -19,11 +25,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = commands.add_parser("make-tiny", help="write a tiny random-weight SD model (diffusers folder)")
     tiny.add_argument("dir", help="folder to create")
-    tiny.add_argument("--prediction", choices=["eps", "v"], default="eps", help="prediction type of its scheduler")
+    tiny.add_argument("--prediction-type", "--prediction", dest="prediction", choices=sorted(PREDICTION_ALIASES), default="epsilon",
+                      help="prediction type of its scheduler (model.prediction_type; eps and v are short forms)")
     tiny.add_argument("--arch", choices=sorted(TINY_ARCHES), default="sd1", help="block layout and text encoder of SD 1.x or SD 2.x")
     tiny.add_argument("--seed", type=int, default=0)
 
-    commands.add_parser("train", help="train from a recipe (same as sdtune/train.py)", add_help=False)
+    commands.add_parser("train", help="train from a recipe (sdtune/train.py)", add_help=False)
     commands.add_parser("sample", help="generate images, X/Y grids and base-vs-fine-tune comparisons", add_help=False)
 
     export = commands.add_parser("export", help="convert LoRAs and checkpoints into files the UIs load")
@@ -44,11 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("src")
         sub.add_argument("out", help=f"the {what} to write")
     for sub in (lora, merge, checkpoint, diffusers):
-        sub.add_argument("--prediction", choices=["eps", "v"], help="prediction type (default: what the source states, else eps)")
+        sub.add_argument("--prediction-type", "--prediction", dest="prediction", choices=sorted(PREDICTION_ALIASES),
+                         help="prediction type, as model.prediction_type (default: what the source states, else epsilon)")
         sub.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
     for sub in (merge, checkpoint, diffusers):
-        sub.add_argument("--ztsnr", action=argparse.BooleanOptionalAction, default=None, help="zero terminal SNR (default: what the source states)")
+        sub.add_argument("--zero-terminal-snr", "--ztsnr", dest="ztsnr", action=argparse.BooleanOptionalAction, default=None,
+                         help="zero terminal SNR, as model.zero_terminal_snr (default: what the source states)")
         sub.add_argument("--allow-pickle", action="store_true", help="read a .ckpt base (torch.load weights_only=True)")
 
     inspect = commands.add_parser("inspect", help="say what a .safetensors is and what a UI would drop or misread")
@@ -67,27 +76,27 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         from sdtune.train import main as train_main
 
-        return _run(lambda: train_main(argv[1:]))
+        return run_command(lambda: train_main(argv[1:]))
     if argv[:1] == ["sample"]:
         from sdtune.sample import main as sample_main
 
-        return _run(lambda: sample_main(argv[1:]))
+        return run_command(lambda: sample_main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "make-tiny":
         from sdtune.tiny import make_tiny
 
-        return _run(lambda: print(make_tiny(args.dir, PREDICTION_ALIASES[args.prediction], args.seed, TINY_ARCHES[args.arch])))
+        return run_command(lambda: print(make_tiny(args.dir, PREDICTION_ALIASES[args.prediction], args.seed, TINY_ARCHES[args.arch])))
     if args.command == "export":
-        return _run(lambda: _export(args))
+        return run_command(lambda: _export(args))
     if args.command == "inspect":
         from sdtune.export.inspect import inspect_file
 
-        return _run(lambda: print(inspect_file(args.file, args.allow_pickle).text()))
+        return run_command(lambda: print(inspect_file(args.file, args.allow_pickle).text()))
     if args.command == "data":
         overrides = args.overrides + ([f"data.path={args.dir}", "data.sources=[]"] if args.dir else [])
-        return _run(lambda: describe_data(load_recipe(args.recipe, overrides)))
+        return run_command(lambda: describe_data(load_recipe(args.recipe, overrides)))
     if args.command == "cache":
-        return _run(lambda: build_caches(load_recipe(args.recipe, args.overrides)))
+        return run_command(lambda: build_caches(load_recipe(args.recipe, args.overrides)))
     return 2
 
 
@@ -126,9 +135,8 @@ def describe_data(recipe: Recipe) -> None:
     Bad images are listed, not fatal, so one look shows all of them; the exit
     status says whether a run with the recipe's settings would start.
     """
-    from sdtune.data.plan import format_problems, summary
+    from sdtune.data.plan import format_problems, plan_data, summary
     from sdtune.tiny import clip_tokenizer
-    from sdtune.train import plan_data
 
     # SD 1.x and 2.x tokenize with the same BPE; the bundled copy counts tokens without a model.
     plan = plan_data(recipe.data.model_copy(update={"on_bad_image": "skip"}), recipe.train.seed, clip_tokenizer())
@@ -148,44 +156,20 @@ def build_caches(recipe: Recipe) -> None:
     import torch
     from accelerate import Accelerator
 
-    from sdtune.data.cache import cache_latents, cache_text, default_cache_dir, report_caches
+    from sdtune.data.cache import default_cache_dir, fill_caches
+    from sdtune.data.plan import plan_data
     from sdtune.models import load_components
-    from sdtune.train import plan_data
+    from sdtune.tiny import clip_tokenizer
 
     model, data = recipe.model, recipe.data
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    is_main = accelerator.is_local_main_process
-    parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr)
-    plan = plan_data(data, recipe.train.seed, parts.tokenizer)
-    items = plan.train + plan.validation
+    plan = plan_data(data, recipe.train.seed, clip_tokenizer())
+    parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, allow_pickle=model.allow_pickle)
     cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
-    shard = (accelerator.process_index, accelerator.num_processes)
-    if is_main:
-        print(f"sdtune: {plan.images} images, {len(items)} views to cache in {cache_dir}")
-    _, latent_stats = cache_latents(items, parts.vae, parts.vae_sha256, cache_dir, accelerator.device, shard=shard, show_progress=is_main)
-    text_stats = None
-    if recipe.caches_text:
-        _, text_stats = cache_text(
-            [i.caption for i in items] + [""], parts.tokenizer, parts.text_encoder, parts.text_encoder_sha256,
-            cache_dir, accelerator.device, shard=shard, show_progress=is_main,
-        )
-    accelerator.wait_for_everyone()
-    report_caches(latent_stats, text_stats, cache_dir, accelerator)
+    if accelerator.is_local_main_process:
+        print(f"sdtune: {plan.images} images, {len(plan.train) + len(plan.validation)} views to cache in {cache_dir}")
+    fill_caches(plan, parts, cache_dir, accelerator, recipe.caches_text)
     accelerator.end_training()
-
-
-def _run(action) -> int:
-    """Expected failures (bad recipe, missing files) print one clear message, not a
-    traceback; SDTUNE_DEBUG=1 shows the traceback too."""
-    try:
-        result = action()
-    except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        if os.environ.get("SDTUNE_DEBUG"):
-            raise
-        print(f"sdtune: error: {exc}", file=sys.stderr)
-        return 1
-    stopped_by = getattr(result, "stopped_by", None)
-    return 128 + stopped_by if stopped_by else 0  # the shell's code for "ended by this signal"
 
 
 if __name__ == "__main__":

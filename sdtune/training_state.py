@@ -96,6 +96,58 @@ def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict
     return position, trainable, states, recipe
 
 
+def trainable_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The trainable weights of ``{"unet": ..., "text_encoder": ...}`` under prefixed names."""
+    return {f"{prefix}.{name}": p for prefix, m in models.items() for name, p in m.named_parameters() if p.requires_grad}
+
+
+def save_state(
+    out_dir: Path, position: Position, models: dict, optimizer, lr_scheduler, ema, accelerator, recipe_json: str,
+    keep_last: int, params: list[torch.nn.Parameter], nan_advice: str,
+) -> Path | None:
+    """All processes call it; the main one writes. Refuses to save non-finite weights."""
+    if not all(torch.isfinite(p).all() for p in params):
+        raise FloatingPointError(f"non-finite weights at step {position.step}; no checkpoint written. {nan_advice}")
+    states = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_states()}
+    if ema is not None:
+        states["ema"] = ema.state_dict()
+    if accelerator.scaler is not None:
+        states["scaler"] = accelerator.scaler.state_dict()
+    saved = None
+    if accelerator.is_main_process:
+        saved = save_checkpoint(out_dir, position, trainable_tensors(models), states, recipe_json, keep_last)
+    accelerator.wait_for_everyone()
+    return saved
+
+
+# Lengthening a run or changing how it is saved is fine; anything else would
+# silently train a different model than the checkpoint's.
+RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "checkpoint", "output", "data.num_workers")
+
+
+def resume_state(path: Path, recipe: dict, models: dict, optimizer, lr_scheduler, ema, accelerator) -> Position:
+    """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a changed one)."""
+    position, trainable, states, saved_recipe = load_checkpoint(path)
+    changes = recipe_changes(saved_recipe, recipe, RESUMABLE_CHANGES)
+    if changes:
+        raise ValueError(f"the recipe differs from the checkpoint's ({path}):\n  " + "\n  ".join(changes))
+    current = trainable_tensors(models)
+    if current.keys() != trainable.keys():
+        raise ValueError(f"checkpoint {path} holds other trainable weights than this recipe creates")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            current[name].copy_(value)
+    optimizer.load_state_dict(states["optimizer"])
+    lr_scheduler.load_state_dict(states["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(states["ema"])
+    if accelerator.scaler is not None and "scaler" in states:
+        accelerator.scaler.load_state_dict(states["scaler"])
+    restore_rng(states["rng"])
+    accelerator.step = position.micro_steps
+    return position
+
+
 def rng_states() -> dict[str, object]:
     states: dict[str, object] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -152,7 +152,7 @@ def test_sdtune_cache_under_accelerate_launch_splits_the_work(tiny_v, small_data
     args = _args(tiny_v, tmp_path, f"data.path={small_dataset}", "data.bucket_step=16")[2:]
     run = subprocess.run(
         [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "sdtune.cli", "cache", "--recipe", "recipes/tiny_demo.yaml", *args],
+         "--dynamo_backend", "no", "-m", "sdtune", "cache", "--recipe", "recipes/tiny_demo.yaml", *args],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -64,7 +64,7 @@ def test_peft_lora_to_kohya_then_merged_into_a_single_file(tiny_v, tmp_path, cap
     assert "PEFT/diffusers dotted names" in report and "no ss_v2 metadata" in report
 
     kohya = tmp_path / "kohya.safetensors"
-    args = ["export", "lora", str(peft_file), str(kohya), "--alpha", "2", "--base-version", "sd_v1", "--prediction", "v", "--dtype", "fp32"]
+    args = ["export", "lora", str(peft_file), str(kohya), "--alpha", "2", "--base-version", "sd_v1", "--prediction-type", "v", "--dtype", "fp32"]
     assert main(args) == 0
     assert f"sdtune: wrote {kohya}" in capsys.readouterr().out
     tensors = load_file(kohya)

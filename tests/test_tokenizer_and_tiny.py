@@ -40,7 +40,7 @@ def test_shipped_vocab_matches_the_bpe_file_layout():
 def test_make_tiny_cli_writes_a_loadable_pipeline(tmp_path):
     out = tmp_path / "tiny"
     run = subprocess.run(
-        [sys.executable, "-m", "sdtune.cli", "make-tiny", str(out), "--prediction", "v"],
+        [sys.executable, "-m", "sdtune.cli", "make-tiny", str(out), "--prediction-type", "v"],
         capture_output=True, text=True, check=True,
     )
     assert str(out) in run.stdout
@@ -83,7 +83,7 @@ def test_make_tiny_sd2_is_an_sd2_model_everywhere(tmp_path):
     from sdtune.models import load_components
 
     out = tmp_path / "tiny-sd2"
-    subprocess.run([sys.executable, "-m", "sdtune.cli", "make-tiny", str(out), "--arch", "sd2", "--prediction", "v"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "sdtune.cli", "make-tiny", str(out), "--arch", "sd2", "--prediction-type", "v"], check=True, capture_output=True)
     parts = load_components(out, "v_prediction", zero_terminal_snr=False)
     assert parts.base_model_version == "sd_v2"
     assert parts.unet.config.use_linear_projection and parts.text_encoder.config.hidden_act == "gelu"

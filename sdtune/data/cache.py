@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from sdtune.atomic import save_safetensors, write_text
 from sdtune.data.captions import shuffle_tags, tokenize, with_prefix
 from sdtune.data.images import load_crop
-from sdtune.data.plan import Item
+from sdtune.data.plan import DataPlan, Item
 from sdtune.models import encode_prompts
 
 CACHE_VERSION = "2"  # bump when the entry layout or preprocessing changes
@@ -58,6 +58,43 @@ def report_caches(
         if text:
             print(f"sdtune: text cache {text.encoded} encoded, {text.reused} reused")
     return latent, text
+
+
+@dataclass
+class Caches:
+    """Where a plan's cache entries are, per trained and per held-out item."""
+
+    latents: list[Path]
+    validation_latents: list[Path]
+    text: list[Path] | None  # None when the text encoder runs in the loop (it trains, or tags are shuffled)
+    validation_text: list[Path] | None
+    empty_text: Path | None  # the empty caption's entry, for caption dropout
+    latent_stats: CacheStats
+    text_stats: CacheStats | None
+
+
+def fill_caches(plan: DataPlan, parts, cache_dir: Path, accelerator, cache_text_outputs: bool) -> Caches:
+    """What a run does before step 1 (and ``sdtune cache`` does alone): each process
+    encodes its share of the missing latents of the trained and held-out views and,
+    when the text encoder is frozen, of the captions' outputs (the empty caption's
+    too); then every process waits for the others and the counts are printed once."""
+    items = plan.train + plan.validation
+    shard, show = (accelerator.process_index, accelerator.num_processes), accelerator.is_local_main_process
+    latents, latent_stats = cache_latents(items, parts.vae, parts.vae_sha256, cache_dir, accelerator.device, shard=shard, show_progress=show)
+    text, text_stats = None, None
+    if cache_text_outputs:
+        text, text_stats = cache_text(
+            [i.caption for i in items] + [""], parts.tokenizer, parts.text_encoder, parts.text_encoder_sha256,
+            cache_dir, accelerator.device, shard=shard, show_progress=show,
+        )
+    accelerator.wait_for_everyone()
+    latent_stats, text_stats = report_caches(latent_stats, text_stats, cache_dir, accelerator)
+    n = len(plan.train)
+    return Caches(
+        latents=latents[:n], validation_latents=latents[n:],
+        text=text[:n] if text else None, validation_text=text[n : len(items)] if text else None,
+        empty_text=text[-1] if text else None, latent_stats=latent_stats, text_stats=text_stats,
+    )
 
 
 def default_cache_dir() -> Path:

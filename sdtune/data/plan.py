@@ -19,6 +19,7 @@ from sdtune.data.buckets import make_buckets, nearest_bucket
 from sdtune.data.captions import truncated, with_prefix
 from sdtune.data.images import Crop, ImageInfo, inspect_image, place_crop
 from sdtune.data.sources import PROBLEM_KINDS, Problem, Sample, Source, find_samples
+from sdtune.recipe import DataSection
 
 # Problems that make an image untrainable; data.on_bad_image decides what happens.
 BAD_IMAGE = ("empty", "not_image", "unreadable", "caption_encoding", "too_small", "extreme_aspect")
@@ -66,6 +67,31 @@ class DataPlan:
     problems: list[Problem] = field(default_factory=list)  # all found, reported or skipped
     skipped: list[Problem] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)  # names of captions cut to the token limit
+
+
+def plan_data(data: DataSection, seed: int, tokenizer=None) -> DataPlan:
+    """The recipe's data section as a scanned, bucketed plan (``train``, ``sdtune data``, ``sdtune cache``)."""
+    if data.sources:
+        sources = [
+            Source(**{**s.model_dump(), "caption_extensions": tuple(s.caption_extensions), "setting": f"data.sources[{i}].path"})
+            for i, s in enumerate(data.sources)
+        ]
+    else:
+        sources = [Source(data.path, setting="data.path")]
+    spec = BucketSpec(data.resolution, data.bucket_step, data.bucket_min_side, data.bucket_max_side, data.max_aspect_ratio)
+    return plan_dataset(
+        sources,
+        spec,
+        missing_caption=data.missing_caption,
+        on_bad_image=data.on_bad_image,
+        max_upscale=data.max_upscale,
+        crop=data.crop,
+        flip=data.flip,
+        validation_split=data.validation_split,
+        split_seed=data.split_seed,
+        seed=seed,
+        tokenizer=tokenizer,
+    )
 
 
 def plan_dataset(

@@ -42,6 +42,7 @@ class Source:
     image_column: str = "image"  # hf
     split: str = "train"  # hf
     caption_extensions: tuple[str, ...] = (".txt", ".caption")  # folder
+    setting: str = "data source"  # the recipe field that named it, for messages (data.path, data.sources[0].path)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,10 @@ def resolve_kind(source: Source) -> str:
         return "folder"
     if "/" in source.path and not path.exists() and source.path.count("/") == 1 and not source.path.startswith((".", "/")):
         return "hf"  # "owner/name": a Hub dataset name, resolved from the local cache
-    raise FileNotFoundError(f"data source {source.path} does not exist; give a folder, a metadata.jsonl/csv or a datasets name")
+    raise FileNotFoundError(
+        f"{source.setting} {source.path} does not exist; point it at a folder of images with same-stem .txt captions, "
+        "a folder with metadata.jsonl/csv, or a datasets folder or name"
+    )
 
 
 def find_samples(source: Source, missing_caption: str) -> tuple[list[Sample], list[Problem]]:

@@ -1,0 +1,96 @@
+"""Seeing a run while it trains: the validation loss on held-out images and preview grids.
+
+Both leave the training untouched: they use their own generators (the loss) or
+save and restore the training RNG (the previews), so a run with them ends with
+the same weights as a run without.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdtune import atomic, grid, training_state
+from sdtune.data.cache import CachedDataset
+from sdtune.diffusion import denoising_loss
+from sdtune.models import encode_prompts
+from sdtune.samplers import generate
+
+
+@torch.no_grad()
+def validation_loss(
+    unet, text_encoder, scheduler, scaling_factor: float, dataset: CachedDataset, timesteps: list[int], seed: int, device
+) -> dict[int, float]:
+    """Mean unweighted loss on the held-out images at fixed timesteps, with noise
+    fixed per image by ``seed`` and the posterior mean as latents: the same
+    numbers for the same weights, so the curve moves only when the model does.
+    ``text_encoder`` is None when the dataset holds cached text-encoder outputs."""
+    was_training = unet.training
+    unet.eval()
+    totals = dict.fromkeys(timesteps, 0.0)
+    for index in range(len(dataset)):
+        item = dataset[(index, 0)]
+        latents = item["mean"][None].to(device) * scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + index)).to(device)
+        if text_encoder is None:
+            conditioning = item["encoder_hidden_states"][None].to(device)
+        else:
+            conditioning = encode_prompts(text_encoder, item["input_ids"][None].to(device))
+        for t in timesteps:
+            loss = denoising_loss(unet, scheduler, latents, conditioning, noise, torch.tensor([t], device=device))
+            totals[t] += loss.item() / len(dataset)
+    unet.train(was_training)
+    return totals
+
+
+def preview_grid(
+    parts, unet, text_encoder, sampler, prompts: list[str], steps: int, cfg: float, cfg_rescale: float, seed: int,
+    size: int, device: torch.device, autocast, ema=None, params=None,
+) -> Image.Image:
+    """One row of ``prompts`` drawn with ``sampler`` (a second row with the EMA
+    weights when ``ema`` is given), every image from ``seed`` so grids compare
+    across steps. The VAE and text encoder come to ``device`` and go back."""
+    from diffusers import StableDiffusionPipeline
+
+    rng = training_state.rng_states()
+    homes = {module: next(module.parameters()).device for module in (parts.vae, text_encoder)}
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae.to(device), text_encoder=text_encoder.to(device), tokenizer=parts.tokenizer, unet=unet,
+        scheduler=parts.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def row() -> list[Image.Image]:
+        with torch.no_grad(), autocast():
+            return generate(pipe, prompts, sampler, steps, cfg, cfg_rescale, [seed] * len(prompts), (size, size))
+
+    was_training = unet.training
+    unet.eval()
+    rows = [row()]
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+        rows.append(row())
+        ema.restore(params)
+    unet.train(was_training)
+    for module, home in homes.items():
+        module.to(home)
+    training_state.restore_rng(rng)
+    return grid.draw_grid(rows, prompts, ["raw", "EMA"] if ema is not None else [])
+
+
+def save_preview(image: Image.Image, out_dir: Path, step: int, trackers) -> Path:
+    """``previews/step-<N>.png``, and the image to TensorBoard or W&B."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path = atomic.write_bytes(Path(out_dir) / "previews" / f"step-{step:06d}.png", buffer.getvalue())
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("preview", np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"preview": [image]}, step=step)
+    return path
