@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -101,8 +102,13 @@ def test_every_imported_package_is_declared():
 def test_the_wheel_ships_what_runs_need(tmp_path):
     """A non-editable install has the demo recipe `sdtune train` defaults to, the model
     configs and the tokenizer files, and reads them from the package."""
+    source = tmp_path / "src"  # a copy, so the build leaves the checkout clean
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "recipes"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, source / name)
+    shutil.copytree(PACKAGE, source / "sdtune", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr[-2000:]
