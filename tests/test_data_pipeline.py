@@ -127,7 +127,7 @@ def test_sdtune_data_prints_the_summary_and_bucket_histogram(tmp_path, capsys):
     bad = _bad_folder(tmp_path / "bad")
     code = cli_main(["data", str(bad), "--set", "data.resolution=64", "--set", "data.bucket_step=16", "--set", "data.missing_caption=empty"])
     out, err = capsys.readouterr()
-    assert code == 1
+    assert code == 2
     assert "images: 3 trained" in out and "truncated.png" in out  # the summary, with the problems
     assert "a run would stop on 6 bad image(s)" in err and "data.on_bad_image: skip" in err
 

@@ -330,5 +330,5 @@ def test_cli_grid_compare_and_prompt_file(tiny_eps, tiny_v, tiny_lora, tmp_path,
     assert sorted(parse_parameters(text)[2]["Model"] for text in sides) == ["tiny-eps", "tiny-v"]
     assert len({job_from_parameters(text) for text in sides}) == 1  # the same settings on both sides
 
-    assert cli.main(["sample", "--model", str(tiny_eps), "--prompt", "x", "--compare", "--out", str(out)]) == 1
+    assert cli.main(["sample", "--model", str(tiny_eps), "--prompt", "x", "--compare", "--out", str(out)]) == 2
     assert "add --lora" in capsys.readouterr().err

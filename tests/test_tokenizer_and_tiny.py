@@ -59,7 +59,7 @@ def test_make_tiny_cli_writes_a_loadable_pipeline(tmp_path):
     assert CLIPTokenizer.from_pretrained(portable)("a photo of a cat").input_ids == CAT_IDS
 
     again = subprocess.run([sys.executable, "-m", "sdtune.cli", "make-tiny", str(out)], capture_output=True, text=True)
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])

@@ -299,7 +299,7 @@ def test_sdtune_train_cli(tiny_v, small_dataset, tmp_path):
         [sys.executable, "-m", "sdtune.cli", "train", "--recipe", "recipes/tiny_demo.yaml", "--set", "train.lerning_rate=1"],
         capture_output=True, text=True,
     )
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?" in bad.stderr
     assert "Traceback" not in bad.stderr
 
