@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from sdtune.export import ldm_keys
 from sdtune.export.checkpoint import configs_from_shapes, read_tensors, split_ldm
@@ -101,7 +102,53 @@ def _lora_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
             report.warnings.append(f"SD 2 text encoder with only part of q/k/v/out_proj adapted ({'; '.join(partial[:3])}): A1111 applies none of that layer's attention")
     if stray:
         report.warnings.append(f"{len(stray)} stray tensor(s) that are not LoRA weights (e.g. {stray[0]}): the UIs report them as keys not loaded")
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for name in zero_update_layers(tensors):
+        by_reason[_zero_reason(layers[name])].append(name)
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        report.warnings.append(f"{len(names)} of {len(layers)} layers change nothing ({reason}): {shown}; {_ZERO_WHY[reason]}")
     return report
+
+
+def zero_update_layers(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The layers of a kohya LoRA (``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``) whose
+    update ``alpha / rank * up @ down`` is exactly zero, sorted: exported and loaded, but they change nothing.
+
+    A layer counts when its ``lora_up`` or its ``lora_down`` is all zeros, or its alpha is 0. Layers
+    missing ``lora_up`` or ``lora_down`` are not counted (the UIs skip them; ``inspect`` warns apart).
+    Other keys are ignored.
+    """
+    layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        if match := KOHYA_KEY.fullmatch(key):
+            layers[match.group(1)][match.group(2)] = value
+    return sorted(name for name, parts in layers.items() if _zero_reason(parts))
+
+
+def _zero_reason(parts: dict[str, torch.Tensor]) -> str | None:
+    if "lora_up.weight" not in parts or "lora_down.weight" not in parts:
+        return None
+    if not parts["lora_up.weight"].any():
+        return "lora_up is all zeros"
+    if not parts["lora_down.weight"].any():
+        return "lora_down is all zeros"
+    if "alpha" in parts and float(parts["alpha"]) == 0:
+        return "alpha is 0"
+    return None
+
+
+_ZERO_WHY = {
+    # lora_up starts at zero, so it stays zero in a layer that gets no gradient. Self-attention over a
+    # 1x1 feature map (SD 1's middle block at 64 px) is one such layer: softmax over a single token is 1
+    # whatever q and k are (in float, a ~1e-11 rounding residue that an fp16 export writes as 0).
+    "lora_up is all zeros": (
+        "they were adapted but got no gradient (e.g. self-attention q/k on a 1x1 feature map, as in SD 1's "
+        "middle block at 64 px); train at a higher resolution or leave those layers out of the targets"
+    ),
+    "lora_down is all zeros": "the update up @ down is zero whatever lora_up holds; they were never trained or were zeroed",
+    "alpha is 0": "both UIs scale the update by alpha / rank = 0; export with the alpha the LoRA was trained with",
+}
 
 
 _VERSION_NAMES = {"sd_v1": "SD 1.x (CLIP ViT-L, 768-d context)", "sd_v2": "SD 2.x (OpenCLIP ViT-H, 1024-d context)"}
@@ -152,6 +199,7 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     ]
     if stored:
         report.lines.append("  architecture details from sdtune metadata (heads, norm groups)")
+    _prediction_in_the_uis(report, path, version, prediction, ztsnr)
     _metadata_lines(report, metadata)
     if ignored:
         report.warnings.append(
@@ -163,6 +211,71 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: d
             "SD 2 with no prediction-type marker: ComfyUI guesses eps/v from the weights and A1111 from a test run; "
             "`sdtune export checkpoint --prediction-type v|eps` rewrites it with markers"
         )
-    if prediction == "v_prediction" and not path.with_suffix(".yaml").exists():
-        report.warnings.append(f"v-prediction model without {path.with_suffix('.yaml').name} beside it: A1111 runs it as epsilon (SD 1) or guesses (SD 2)")
     return report
+
+
+def _prediction_in_the_uis(report: Report, path: Path, version: str, prediction: str | None, ztsnr: bool | None) -> None:
+    """How ComfyUI and A1111 run this file's prediction type, and whether the sidecars sdtune writes for them
+    (``<stem>.comfyui.json``, ``<stem>.yaml``; DESIGN rule 6) are there and agree with the file."""
+    v, zsnr = prediction == "v_prediction", bool(ztsnr)
+    workflow, config = path.with_name(f"{path.stem}.comfyui.json"), path.with_suffix(".yaml")
+    needs = ("v-prediction" if v else "epsilon") + (" with zero terminal SNR" if zsnr else "")
+    rewrite = f"`sdtune export checkpoint {path.name} NEW.safetensors --prediction-type v{' --zero-terminal-snr' if zsnr else ''}`"
+    if v or zsnr:
+        # ComfyUI reads the v_pred/ztsnr markers only in supported_models.SDXL.model_type (which also sets
+        # sampling_settings["zsnr"], the only way zsnr reaches model_sampling.ModelSamplingDiscrete). SD15 keeps
+        # supported_models_base.BASE.model_type, always ModelType.EPS; SD20.model_type guesses V_PREDICTION when
+        # the std of output_blocks.11.1.transformer_blocks.0.norm1.bias is above 0.09.
+        does = (
+            "loads this SD 1 checkpoint as epsilon" + (" without zero terminal SNR" if zsnr else "")
+            if version == "sd_v1"
+            else "guesses epsilon or v for this SD 2 checkpoint from its weights" + (" and never uses zero terminal SNR" if zsnr else "")
+        ) + " (it reads the v_pred/ztsnr markers only for SDXL-family models)"
+        matches = _workflow_matches(workflow, "v_prediction" if v else "eps", zsnr)
+        if matches:
+            report.lines.append(f"ComfyUI: {does}, but this model is {needs}: use {workflow.name} beside it, whose ModelSamplingDiscrete node sets that")
+        elif matches is None:
+            fix = f"{rewrite} writes it" if v else "add a ModelSamplingDiscrete node (sampling eps, zsnr on) after the checkpoint loader"
+            report.warnings.append(
+                f"ComfyUI {does}, but this model is {needs}; the workflow that sets that ({workflow.name}, a ModelSamplingDiscrete node) is missing; {fix}"
+            )
+        else:
+            report.warnings.append(f"ComfyUI {does}, but this model is {needs}, and {workflow.name} beside it does not set that; {rewrite} rewrites it")
+    # A1111 loads <stem>.yaml as the model config when it exists (modules/sd_models_config.py); without it, SD 1
+    # gets v1-inference.yaml (epsilon) and SD 2 a guess from a test forward pass.
+    said = _yaml_parameterization(config)
+    if said == "unreadable":
+        report.warnings.append(f"{config.name} beside it is not an LDM config (model.params); A1111 fails to load the checkpoint with it; delete it")
+    elif said is not None and prediction is not None and said != ("v" if v else "eps"):
+        fix = f"{rewrite} rewrites it" if v else "delete it"
+        report.warnings.append(f"{config.name} beside it says parameterization {said!r} and A1111 follows it, but this model is {needs}; {fix}")
+    elif said == "v":
+        report.lines.append(f'A1111/Forge: read the model config from {config.name} beside it (parameterization "v"): use it, and keep it next to the checkpoint')
+    elif said is None and v:
+        a1111 = "A1111 runs this SD 1 checkpoint as epsilon" if version == "sd_v1" else "A1111 guesses epsilon or v for this SD 2 checkpoint from a test run"
+        report.warnings.append(f'{a1111} unless {config.name} beside it says parameterization "v"; it is missing; {rewrite} writes it')
+    if zsnr:
+        report.lines.append('A1111/Forge: no file can say zero terminal SNR; set "Noise schedule for sampling" to Zero Terminal SNR in the settings')
+
+
+def _workflow_matches(path: Path, sampling: str, zsnr: bool) -> bool | None:
+    """Whether a ComfyUI workflow (API format) samples with these settings; None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        nodes = json.loads(path.read_text(encoding="utf-8")).values()
+        settings = [n["inputs"] for n in nodes if isinstance(n, dict) and n.get("class_type") == "ModelSamplingDiscrete"]
+    except (ValueError, AttributeError, KeyError):
+        return False
+    return any(s.get("sampling") == sampling and bool(s.get("zsnr")) == zsnr for s in settings)
+
+
+def _yaml_parameterization(path: Path) -> str | None:
+    """The parameterization an A1111 ``<stem>.yaml`` gives (LDM's default is eps); None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))["model"]["params"]
+        return str(params.get("parameterization", "eps"))
+    except (yaml.YAMLError, TypeError, KeyError, AttributeError):
+        return "unreadable"
