@@ -12,7 +12,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtune.diffusion import make_noise_scheduler
+from sdtune.errors import MissingExtraError, ModelFileError, UserError
 from sdtune.hashes import file_sha256, tensors_sha256, weights_sha256
+from sdtune.weight_files import check_folder, loading_folder
 
 # Precision names (train.mixed_precision, export.dtype) and the dtype each stores weights in.
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,13 +59,14 @@ def load_components(
     if path.is_file():
         return load_single_file(path, prediction_type, zero_terminal_snr, unet_dtype, allow_pickle)
     if not (path / "model_index.json").is_file():
-        raise ValueError(f"model.path {path} has no model_index.json; it is not a diffusers model folder")
-
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=unet_dtype)
-    base_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        raise ModelFileError(f"model.path {path} has no model_index.json; it is not a diffusers model folder")
+    check_folder(path, allow_pickle)
+    with loading_folder(path):
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=unet_dtype)
+        base_config = DDPMScheduler.load_config(path, subfolder="scheduler")
     noise_scheduler = make_noise_scheduler(base_config, prediction_type, zero_terminal_snr)
     return Components(
         tokenizer=tokenizer,
@@ -148,7 +151,7 @@ def set_attention(unet: UNet2DConditionModel, kind: str, device: torch.device) -
         unet.set_attn_processor(AttnProcessor2_0())
         return
     if importlib.util.find_spec("xformers") is None:
-        raise RuntimeError("train.attention: xformers is not installed; `pip install sdtune[xformers]` or use sdpa")
+        raise MissingExtraError("train.attention: xformers is not installed; `pip install sdtune[xformers]` or use sdpa")
     if device.type != "cuda":
-        raise RuntimeError("train.attention: xformers runs only on CUDA GPUs; use sdpa on this machine")
+        raise UserError("train.attention: xformers runs only on CUDA GPUs; use sdpa on this machine")
     unet.enable_xformers_memory_efficient_attention()

@@ -7,6 +7,8 @@ import importlib
 import torch
 from diffusers.optimization import get_scheduler
 
+from sdtune.errors import MissingExtraError
+
 # name -> (module, class, the extra that installs it)
 _OPTIONAL = {
     "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bnb"),
@@ -33,7 +35,7 @@ def make_optimizer(
     try:
         optimizer_class = getattr(importlib.import_module(module), name)
     except ImportError:
-        raise RuntimeError(f"train.optimizer: {kind} needs an optional package; `pip install sdtune[{extra}]`") from None
+        raise MissingExtraError(f"train.optimizer: {kind} needs an optional package; `pip install sdtune[{extra}]`") from None
     if kind == "lion":
         return optimizer_class(groups, betas=betas, weight_decay=weight_decay)
     return optimizer_class(groups, betas=betas, weight_decay=weight_decay, eps=eps)

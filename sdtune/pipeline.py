@@ -19,7 +19,9 @@ from sdtune import infotext
 from sdtune.export.kohya import TEXT_ENCODER_PREFIX, UNET_PREFIX, addressable_layers, merge_lora, read_lora_as_kohya
 from sdtune.export.markers import flags_from_metadata, stated_flags
 from sdtune.hashes import file_sha256, weights_sha256
+from sdtune.errors import ModelFileError
 from sdtune.samplers import sampling_config
+from sdtune.weight_files import check_folder, loading_folder
 
 LORA_KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -48,12 +50,12 @@ class Model:
     lora_weights: tuple[float, ...] = ()  # what is merged in now
 
 
-def read_lora_file(path: str | Path) -> Lora:
+def read_lora_file(path: str | Path, allow_pickle: bool = False) -> Lora:
     """A kohya LoRA (what sdtune train writes), or a diffusers/peft one converted to kohya names."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
-    tensors, metadata = read_lora_as_kohya(path)
+    tensors, metadata = read_lora_as_kohya(path, allow_pickle)
     foreign = [key for key in tensors if not key.endswith(LORA_KEY_SUFFIXES)]
     if foreign:
         raise ValueError(
@@ -73,6 +75,7 @@ def load_pipeline(
     lora_paths: list[str | Path] = (),
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
 ) -> Model:
     """Load a base model (diffusers folder or single-file checkpoint) with LoRAs ready to merge at any weight.
 
@@ -86,20 +89,22 @@ def load_pipeline(
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if not model_path.exists():
         raise FileNotFoundError(f"--model {model_path} does not exist; point it at a diffusers model folder or a .safetensors checkpoint")
-    loras = [read_lora_file(p) for p in lora_paths]
+    loras = [read_lora_file(p, allow_pickle) for p in lora_paths]
     names = [lora.name for lora in loras]
     if len(set(names)) != len(names):
         raise ValueError(f"two LoRA files share a name ({', '.join(names)}); prompts and hashes name LoRAs by file name, so rename one")
     prediction, ztsnr = stated_flags(model_path)
     if model_path.is_file():
-        pipe, short_hash = load_single_file(model_path, dtype)
+        pipe, short_hash = load_single_file(model_path, dtype, allow_pickle)
         flags_from = str(model_path)
     else:
         if not (model_path / "model_index.json").is_file():
-            raise ValueError(f"--model {model_path} has no model_index.json; it is not a diffusers model folder")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+            raise ModelFileError(f"--model {model_path} has no model_index.json; it is not a diffusers model folder")
+        check_folder(model_path, allow_pickle)
+        with loading_folder(model_path):
+            pipe = StableDiffusionPipeline.from_pretrained(
+                model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
         short_hash = weights_sha256(model_path / "unet", model_path / "text_encoder", model_path / "vae")[:10]
         flags_from = str(model_path / "scheduler" / "scheduler_config.json")
     # A LoRA trained for v-prediction / zero terminal SNR makes the model so: its metadata wins.
@@ -141,7 +146,7 @@ def load_pipeline(
     )
 
 
-def load_single_file(path: Path, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, str]:
+def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False) -> tuple[StableDiffusionPipeline, str]:
     """A single-file (LDM) checkpoint as a pipeline, offline (sdtune ships the configs),
     with A1111's model hash: the first 10 hex digits of the file's SHA-256."""
     from diffusers import DDIMScheduler
@@ -149,7 +154,7 @@ def load_single_file(path: Path, dtype: torch.dtype) -> tuple[StableDiffusionPip
     from sdtune.export.checkpoint import build_models, read_checkpoint
     from sdtune.tiny import clip_tokenizer
 
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, allow_pickle)
     unet, vae, text_encoder = build_models(checkpoint, dtype)
     pipe = StableDiffusionPipeline(
         vae=vae.to(dtype),

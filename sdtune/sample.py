@@ -184,6 +184,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="base vs fine-tune side by side, same seeds: alone, the LoRAs off vs on; with a model folder, that base vs --model")
     parser.add_argument("--ddpm-no-noise", action="store_true",
                         help="teaching switch: DDPM without its per-step noise (samples collapse toward the mean); needs --sampler ddpm")
+    parser.add_argument("--allow-pickle", action="store_true", help="read pickled weights (.ckpt, .bin, .pt) as tensors only (torch.load weights_only=True)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", required=True, help="output folder (existing images are kept; numbering continues)")
     return parser.parse_args(argv)
@@ -205,9 +206,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise ValueError("--n, --steps and --batch-size must be at least 1")
 
     loras = [parse_lora_arg(text) for text in args.lora]
-    models = [load_pipeline(args.model, [path for path, _ in loras])]
+    models = [load_pipeline(args.model, [path for path, _ in loras], allow_pickle=args.allow_pickle)]
     if isinstance(args.compare, str):
-        models.append(load_pipeline(args.compare))
+        models.append(load_pipeline(args.compare, allow_pickle=args.allow_pickle))
     elif args.compare and not loras:
         raise ValueError("--compare alone compares the LoRAs off and on; add --lora FILE, or name a base model: --compare BASE")
     model = models[0]

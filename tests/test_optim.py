@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sdtune.errors import MissingExtraError
 from sdtune.optim import make_lr_scheduler, make_optimizer
 
 
@@ -60,5 +61,5 @@ def test_missing_optional_optimizer_names_the_extra(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # makes the import fail
-    with pytest.raises(RuntimeError, match=r"sdtune\[lion\]"):
+    with pytest.raises(MissingExtraError, match=r"sdtune\[lion\]"):
         make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}], "lion", (0.9, 0.99), 0.0, 1e-8)

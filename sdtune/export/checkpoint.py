@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 import sdtune
 from sdtune import atomic
@@ -26,9 +25,9 @@ from sdtune.export import ldm_keys as keys
 from sdtune.export.markers import flags_from_file
 from sdtune.export.metadata import MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION
 from sdtune.export.sidecars import a1111_yaml, comfyui_workflow
+from sdtune.weight_files import read_weights as read_tensors  # the one loading policy (pickles need permission)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Parts of a diffusers config that tensor shapes cannot show; files we write carry them.
 HIDDEN_FIELDS = {
     "unet": ("attention_head_dim", "norm_num_groups", "norm_eps", "sample_size", "upcast_attention"),
@@ -59,24 +58,6 @@ def base_config(version: str) -> dict[str, dict]:
     configs = json.loads((CONFIG_DIR / f"{version}.json").read_text(encoding="utf-8"))
     configs.pop("_comment")
     return configs
-
-
-def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a ``.safetensors`` file (or, when allowed, a pickled ``.ckpt``)."""
-    path = Path(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ValueError(
-                f"{path} is a pickle, which can run code when loaded; convert it to .safetensors, "
-                "or set model.allow_pickle: true to load its tensors with torch.load(weights_only=True)"
-            )
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        loaded = loaded.get("state_dict", loaded)
-        return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, {}
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: expected a .safetensors single-file checkpoint (or a diffusers folder)")
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
 
 def split_ldm(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, torch.Tensor]], list[str]]:

@@ -14,9 +14,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from sdtune.adapters import ADAPTER, lora_layers
+from sdtune.weight_files import read_weights
 
 UNET_PREFIX = "lora_unet_"
 # SD1 and SD2 alike: A1111 drops `lora_te1_` on SD2 (DESIGN rule 3).
@@ -99,9 +98,9 @@ def addressable_layers(prefix: str, model: torch.nn.Module) -> dict[str, torch.n
     }
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+def read_lora(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors and metadata (a pickled one only with ``allow_pickle``; see weight_files)."""
+    return read_weights(path, allow_pickle)
 
 
 @torch.no_grad()
@@ -186,9 +185,9 @@ def peft_alphas(metadata: dict[str, str], source: str | Path) -> dict[str, float
     return {c: float(adapter[f"{c}.lora_alpha"]) for c in ("unet", "text_encoder") if adapter.get(f"{c}.lora_alpha") is not None}
 
 
-def read_lora_as_kohya(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_lora_as_kohya(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A kohya LoRA file as it is, or a PEFT/diffusers one converted to kohya names (same merge rule)."""
-    tensors, metadata = read_lora(path)
+    tensors, metadata = read_lora(path, allow_pickle)
     if not any(key.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)) for key in tensors):
         try:
             tensors = peft_to_kohya(tensors, peft_alphas(metadata, path))

@@ -15,9 +15,8 @@ import json
 import re
 from pathlib import Path
 
-from safetensors import safe_open
-
 from sdtune.recipe import PREDICTION_ALIASES
+from sdtune.weight_files import read_header
 
 _SIDECAR_V = re.compile(r"""parameterization:\s*["']?v["']?\s*$""", re.MULTILINE)
 
@@ -61,5 +60,4 @@ def stated_flags(path: str | Path) -> Flags:
         return config.get("prediction_type"), config.get("rescale_betas_zero_snr")
     if path.suffix != ".safetensors":  # a pickle says nothing without unpickling; its sidecar may
         return flags_from_file(path, set(), {})
-    with safe_open(str(path), framework="pt") as handle:
-        return flags_from_file(path, set(handle.keys()), dict(handle.metadata() or {}))
+    return flags_from_file(path, *read_header(path))
