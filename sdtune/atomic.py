@@ -1,7 +1,7 @@
 """Atomic, durable writes: a crash, a kill or a power cut leaves the old file or the
 whole new one, never half of one.
 
-Each write goes to ``.<name>.<pid>.tmp`` beside the target, is flushed to disk
+Each write goes to ``.<name>.<host>.<pid>.tmp`` beside the target, is flushed to disk
 (fsync), gets the normal mode for a new file (``0666`` less the umask, as
 ``open()`` would give: safetensors itself creates ``0600`` files, which a UI
 running as another user cannot read), and is renamed over the target; then
@@ -11,7 +11,10 @@ the folder is flushed so the rename itself survives a power cut.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -28,8 +31,51 @@ FILE_MODE = 0o666 & ~_read_umask()
 DIR_MODE = 0o777 & ~_read_umask()
 
 
-def tmp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+# Temp names say which process on which machine writes them, so a later start can
+# remove those of processes that died (a kill, a power cut) and leave a live one's.
+HOST = socket.gethostname().replace(".", "-") or "host"
+TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)(?:\.old)?\.tmp$")
+STALE_AFTER_S = 24 * 3600  # another machine's temp (shared storage) is stale after a day
+
+
+def tmp_beside(path: Path, suffix: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove, under ``folder``, the temp files and folders of writes whose process is
+    gone (killed mid-write); returns what was removed. A temp of a live process, or of
+    another machine younger than a day, is left alone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for root, dirs, files in os.walk(folder):
+        for name in [*files, *dirs]:
+            match = TMP_NAME.match(name)
+            if match is None:
+                continue
+            path = Path(root) / name
+            mine = match["host"] == HOST
+            try:
+                stale = (mine and not _alive(int(match["pid"]))) or time.time() - path.lstat().st_mtime > STALE_AFTER_S
+            except FileNotFoundError:
+                continue
+            if stale:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+                removed.append(path)
+        dirs[:] = [d for d in dirs if not TMP_NAME.match(d)]
+    return removed
 
 
 def fsync_path(path: Path) -> None:
@@ -89,7 +135,7 @@ def publish_folder(tmp: Path, final: Path) -> Path:
         fsync_path(Path(root))
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.{os.getpid()}.old.tmp")
+        old = tmp_beside(final, "old.tmp")
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_path(final.parent)

@@ -12,15 +12,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdtune.errors import run_command
+from sdtune.errors import run_command, take_debug_flag
 from sdtune.recipe import PREDICTION_ALIASES, Recipe, load_recipe
 
 TINY_ARCHES = {"sd1": "sd_v1", "sd2": "sd_v2"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="sdtune", description="Fine-tune Stable Diffusion 1.x/2.x.")
+    argv = take_debug_flag(sys.argv[1:] if argv is None else list(argv))
+    parser = argparse.ArgumentParser(
+        prog="sdtune", description="Fine-tune Stable Diffusion 1.x/2.x.",
+        epilog="--debug (anywhere) or SDTUNE_DEBUG=1: show the traceback of an error. Exit statuses: 0 done, "
+        "2 a setting or file to fix, 3 training stopped on a non-finite loss, 4 out of memory, 128+N stopped by signal N.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("make-tiny", help="write a tiny random-weight SD model (diffusers folder)")
@@ -55,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                          help="prediction type, as model.prediction_type (default: what the source states, else epsilon)")
         sub.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    for sub in (lora, merge, checkpoint, diffusers):
+        sub.add_argument("--allow-pickle", action="store_true", help="read pickled weights (.ckpt, .bin, .pt) as tensors only (torch.load weights_only=True)")
     for sub in (merge, checkpoint, diffusers):
         sub.add_argument("--zero-terminal-snr", "--ztsnr", dest="ztsnr", action=argparse.BooleanOptionalAction, default=None,
                          help="zero terminal SNR, as model.zero_terminal_snr (default: what the source states)")
-        sub.add_argument("--allow-pickle", action="store_true", help="read a .ckpt base (torch.load weights_only=True)")
 
     inspect = commands.add_parser("inspect", help="say what a .safetensors is and what a UI would drop or misread")
     inspect.add_argument("file")
@@ -104,13 +109,13 @@ def _export(args: argparse.Namespace) -> None:
     from sdtune.export import commands
 
     prediction = PREDICTION_ALIASES[args.prediction] if args.prediction else None
-    common = {"dtype": args.dtype, "overwrite": args.overwrite}
+    common = {"dtype": args.dtype, "overwrite": args.overwrite, "allow_pickle": args.allow_pickle}
     if args.kind == "lora":
         written = commands.export_lora(
             args.src, args.out, alpha=args.alpha, base_version=args.base_version, prediction=prediction or "epsilon", **common
         )
     else:
-        common |= {"prediction": prediction, "zero_terminal_snr": args.ztsnr, "allow_pickle": args.allow_pickle}
+        common |= {"prediction": prediction, "zero_terminal_snr": args.ztsnr}
         if args.kind == "merge":
             written = commands.export_merge(args.lora, args.base, args.out, multiplier=args.multiplier, **common)
         elif args.kind == "checkpoint":

@@ -83,11 +83,13 @@ def preview_grid(
     return grid.draw_grid(rows, prompts, ["raw", "EMA"] if ema is not None else [])
 
 
-def save_preview(image: Image.Image, out_dir: Path, step: int, trackers) -> Path:
-    """``previews/step-<N>.png``, and the image to TensorBoard or W&B."""
+def save_preview(image: Image.Image, folder, step: int, trackers) -> Path:
+    """``previews/<name>/step-<N>.png`` of the run's ``folder`` (recorded as the run's),
+    and the image to TensorBoard or W&B."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    path = atomic.write_bytes(Path(out_dir) / "previews" / f"step-{step:06d}.png", buffer.getvalue())
+    path = atomic.write_bytes(folder.previews / f"step-{step:06d}.png", buffer.getvalue())
+    folder.add(path)
     for tracker in trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("preview", np.asarray(image), step, dataformats="HWC")

@@ -42,12 +42,13 @@ from sdtune.data.cache import CachedDataset, CacheStats, default_cache_dir, fill
 from sdtune.data.captions import drop_captions, tokenize
 from sdtune.data.plan import DataPlan, plan_data, skipped_report, warnings_for
 from sdtune.diffusion import Objective, denoising_loss, perturb_noise, sample_latents, sample_noise, sample_timesteps
+from sdtune.errors import run_command, take_debug_flag
 from sdtune.evaluation import preview_grid, save_preview, validation_loss
 from sdtune.export.kohya import check_sd2_text_encoder_targets
 from sdtune.export.results import ResultSpec, result_paths, write_result
 from sdtune.models import DTYPES, cpu_has_native_bf16, encode_prompts, load_components, set_attention
 from sdtune.optim import make_lr_scheduler, make_optimizer
-from sdtune.outputs import check_outputs
+from sdtune.outputs import RunFolder
 from sdtune.recipe import Recipe, load_recipe
 from sdtune.report import render_report
 from sdtune.samplers import default_cfg_rescale, make_sampler, sampling_config
@@ -73,10 +74,11 @@ class TrainResult:
 
 def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     model, data, lora, opt, out, ckpt = recipe.model, recipe.data, recipe.lora, recipe.train, recipe.output, recipe.checkpoint
-    preview, out_dir = recipe.preview, Path(out.dir)
-    results = result_paths(out_dir / out.name, opt.method, tuple(recipe.export.formats))
-    check_outputs(results, out_dir, out.overwrite, resuming=resume is not None)
-    resume_from = training_state.resolve(resume, out_dir) if resume else None
+    preview, folder = recipe.preview, RunFolder(out.dir, out.name)  # what this run may write, and its record
+    out_dir, results = folder.dir, result_paths(folder.stem, opt.method, tuple(recipe.export.formats))
+    resume_from = training_state.resolve(resume, folder.checkpoints) if resume else None
+    resume_run = training_state.run_of(resume_from) if resume_from else None
+    folder.check(out.overwrite, resume_run)  # another run's files are never replaced silently
     accelerator = _accelerator(opt.mixed_precision, opt.gradient_accumulation_steps, opt.logger, out_dir, opt.seed, opt.deterministic)
     device, weight_dtype, is_main = accelerator.device, DTYPES[opt.mixed_precision], accelerator.is_local_main_process
     train_te = recipe.trains_text_encoder
@@ -89,9 +91,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if train_te:
         check_sd2_text_encoder_targets(lora.text_encoder_target_modules, parts.base_model_version)
     if lora.merge_first:
-        _merge_first(parts, lora.merge_first, lora.merge_first_weight)
-    if is_main:
-        _announce(plan, parts.name, parts.base_model_version, out_dir / f"{out.name}.skipped.tsv")
+        _merge_first(parts, lora.merge_first, lora.merge_first_weight, model.allow_pickle)
+    if accelerator.is_main_process:
+        _announce(plan, parts.name, parts.base_model_version, folder, folder.claim(out.overwrite, resume_run), opt.logger)
 
     # Caches: each process encodes its share of what is missing (held-out images too, for
     # validation); the frozen encoders leave the device once they are built.
@@ -120,9 +122,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if preview.prompts:
         make_sampler(preview.sampler, preview_schedule)  # a sampler that cannot run this model fails now, not at step 100
     cfg_rescale = preview.cfg_rescale if preview.cfg_rescale is not None else default_cfg_rescale(model.zero_terminal_snr)
-    position = training_state.Position(step=0, epoch=0, batch_in_epoch=0, micro_steps=0)
+    position, history = training_state.Position(step=0, epoch=0, batch_in_epoch=0, micro_steps=0), {}
     if resume_from is not None:
-        position = training_state.resume_state(resume_from, recipe.model_dump(mode="json"), models, optimizer, lr_scheduler, ema, accelerator)
+        position, history = training_state.resume_state(resume_from, recipe.model_dump(mode="json"), models, optimizer, lr_scheduler, ema, accelerator)
         if is_main:
             print(f"sdtune: resumed from {resume_from} at step {position.step}")
     if accelerator.is_main_process:
@@ -136,7 +138,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # The loop. Per step only the UNet (and TE) forward/backward and the optimizer
     # cost time; the host syncs only at log intervals (and every step with
     # train.on_nan: skip, which must look at each loss).
-    losses, validation, previews, history = [], [], [], {"loss": [], "lr": []}
+    losses, history = [], {key: history.get(key, []) for key in ("loss", "lr", "validation", "previews")}  # report.html's
+    validation = [(step, {int(t): v for t, v in per_t.items()}) for step, per_t in history["validation"]]
     step, skipped, started, stopped_by, saved = position.step, 0, time.perf_counter(), None, None
     bar = tqdm(total=opt.max_steps, initial=step, desc="training", unit="step", disable=not is_main)
     batches = _batches(loader, order, position, device)
@@ -179,20 +182,22 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 per_t = validation_loss(unet, encoder if text_in_loop else None, scheduler, scaling, val_dataset,
                                         recipe.validation.timesteps, recipe.validation.seed, device)
                 validation.append((step, per_t))
+                history["validation"].append((step, per_t))
                 accelerator.log({"val/loss": sum(per_t.values()) / len(per_t)} | {f"val/loss_t{t}": v for t, v in per_t.items()}, step=step)
             if preview.prompts and accelerator.is_main_process and (step % preview.every_steps == 0 or step == opt.max_steps):
                 image = preview_grid(parts, models["unet"], models.get("text_encoder", text_encoder), make_sampler(preview.sampler, preview_schedule),
                                      preview.prompts, preview.steps, preview.cfg, cfg_rescale, preview.seed,
                                      preview.size or data.resolution, device, accelerator.autocast, ema, params)
-                previews.append((step, save_preview(image, out_dir, step, accelerator.trackers)))
+                history["previews"].append((step, str(save_preview(image, folder, step, accelerator.trackers))))
             due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
                 ckpt.every_epochs and batch_in_epoch == len(loader) and (epoch + 1) % ckpt.every_epochs == 0)
             if (due and step < opt.max_steps) or stop.signal is not None:
-                here = training_state.Position(step, epoch, batch_in_epoch, accelerator.step)
-                saved = training_state.save_state(out_dir, here, models, optimizer, lr_scheduler, ema, accelerator,
-                                                  recipe.to_json(), ckpt.keep_last, params, NAN_ADVICE)
-                if ckpt.export and accelerator.is_main_process:
-                    _write_result(out_dir / f"{out.name}-step{step:06d}", spec, models, ema, params, parts, step, plan.images)
+                here = training_state.Position(step, epoch, batch_in_epoch, accelerator.step, folder.record.run_id if folder.record else "")
+                saved, kept = training_state.save_state(folder.checkpoints, here, models, optimizer, lr_scheduler, ema, accelerator,
+                                                        recipe.to_json(), ckpt.keep_last, params, NAN_ADVICE, history)
+                if accelerator.is_main_process:
+                    written = _write_result(folder.step_stem(step), spec, models, ema, params, parts, step, plan.images) if ckpt.export else []
+                    _keep_step_exports(folder, kept, written)
                 if stop.signal is not None:
                     stopped_by = stop.signal
                     break
@@ -201,10 +206,11 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     result = TrainResult(results[0], _floats(losses), caches.latent_stats, caches.text_stats, models["unet"],
                          models.get("text_encoder", text_encoder), step, stopped_by, validation)
     if stopped_by is None and accelerator.is_main_process:  # the results
-        written = _write_result(out_dir / out.name, spec, models, ema, params, parts, step, plan.images)
-        _finish(written, out_dir, out.name, recipe.to_yaml(), parts, model.prediction_type, model.zero_terminal_snr,
-                plan.images, step - position.step, time.perf_counter() - started, skipped, history, validation, previews)
-    elif is_main and stopped_by is not None:
+        written = _write_result(folder.stem, spec, models, ema, params, parts, step, plan.images)
+        _finish(written, folder, recipe.to_yaml(), parts, model.prediction_type, model.zero_terminal_snr,
+                plan.images, step, step - position.step, time.perf_counter() - started, skipped, history, validation)
+    elif accelerator.is_main_process:
+        folder.set_status("stopped", step)
         _print_resume(stopped_by, step, saved)
     accelerator.end_training()
     if ema is not None and stopped_by is None:
@@ -273,22 +279,24 @@ def _log(recent_losses: list[torch.Tensor], lr: float, step: int, bar, accelerat
     history["lr"].append((step, lr))
 
 
-def _finish(written, out_dir: Path, name: str, recipe_yaml: str, parts, prediction_type: str, zero_terminal_snr: bool,
-            images: int, steps: int, elapsed: float, skipped: int, history, validation, previews) -> None:
-    """The resolved recipe and report.html beside the results, and where everything is."""
-    atomic.write_text(out_dir / f"{name}.recipe.yaml", recipe_yaml)
+def _finish(written, folder: RunFolder, recipe_yaml: str, parts, prediction_type: str, zero_terminal_snr: bool,
+            images: int, step: int, steps: int, elapsed: float, skipped: int, history: dict, validation) -> None:
+    """The resolved recipe and report.html beside the results, the run recorded as finished, and where everything is."""
+    folder.add(*written, atomic.write_text(folder.recipe, recipe_yaml))
     summary = {"base model": f"{parts.name} ({parts.base_model_version}, {prediction_type}"
-               f"{', zero terminal SNR' if zero_terminal_snr else ''})", "steps": str(steps),
+               f"{', zero terminal SNR' if zero_terminal_snr else ''})", "steps": str(step),
                "images": str(images), "outputs": ", ".join(str(p) for p in written)}
-    atomic.write_text(out_dir / "report.html", render_report(name, summary, history, validation, previews, recipe_yaml))
+    previews = [(s, Path(p)) for s, p in history["previews"] if Path(p).is_file()]
+    folder.add(atomic.write_text(folder.report, render_report(folder.name, summary, history, validation, previews, recipe_yaml)))
+    folder.set_status("finished", step)
     if skipped:
         print(f"sdtune: skipped {skipped} batches with a non-finite loss")
     if validation:
         print(f"sdtune: validation loss {sum(validation[-1][1].values()) / len(validation[-1][1]):.4f} at step {validation[-1][0]}")
     print(f"sdtune: trained {steps} steps in {elapsed:.1f}s ({steps / elapsed:.2f} steps/s)")
-    for path in [*written, out_dir / "report.html"]:
+    for path in [*written, folder.report]:
         print(f"sdtune: wrote {path}")
-    print(f"sdtune: recipe {out_dir / (name + '.recipe.yaml')}; logs {out_dir / 'logs'}")
+    print(f"sdtune: recipe {folder.recipe}; logs {folder.dir / 'logs' / folder.name}")
 
 
 def _print_resume(signal: int, step: int, saved: Path | None) -> None:
@@ -297,12 +305,22 @@ def _print_resume(signal: int, step: int, saved: Path | None) -> None:
     print("  " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv, "--resume", "latest"]))
 
 
-def _announce(plan: DataPlan, model_name: str, base_model_version: str, skipped_tsv: Path) -> None:
+def _announce(plan: DataPlan, model_name: str, base_model_version: str, folder: RunFolder, claimed: list[str], logger: str) -> None:
+    """What the run trains on and where it writes (main process), once it owns its files."""
+    for line in claimed:
+        print(f"sdtune: {line}", file=sys.stderr)
     print(f"sdtune: {plan.images} images ({len(plan.train)} per epoch) from {', '.join(plan.sources)}; base {model_name} ({base_model_version})")
     for line in warnings_for(plan):
         print(f"sdtune: {line}", file=sys.stderr)
     if plan.skipped:
-        atomic.write_text(skipped_tsv, skipped_report(plan))
+        folder.add(atomic.write_text(folder.skipped, skipped_report(plan)))
+    folder.add(folder.checkpoints, *([folder.dir / "logs" / folder.name] if logger != "none" else []))
+
+
+def _keep_step_exports(folder: RunFolder, kept: list[Path], written: list[Path]) -> None:
+    """Record a step export, and keep only those of the kept checkpoints (checkpoint.keep_last)."""
+    folder.add(*written)
+    folder.prune_step_exports({int(p.name.removeprefix(training_state.PREFIX)) for p in kept})
 
 
 def _datasets(plan: DataPlan, caches, tokenizer, shuffle_tags: bool, keep_tokens: int, seed: int):
@@ -371,13 +389,13 @@ def _write_result(stem: Path, spec: ResultSpec, models: dict, ema, params: list,
             ema.restore(params)
 
 
-def _merge_first(parts, path: str, weight: float) -> None:
+def _merge_first(parts, path: str, weight: float, allow_pickle: bool) -> None:
     """Merge an earlier LoRA into the base before training a new one on top. The
     text encoder's identity changes with it, so its cache entries are its own."""
     from sdtune.export.kohya import merge_lora, read_lora
     from sdtune.hashes import file_sha256
 
-    tensors, _ = read_lora(path)
+    tensors, _ = read_lora(path, allow_pickle)
     merge_lora(tensors, parts.unet, parts.text_encoder, weight)
     digest = file_sha256(Path(path))
     if any(key.startswith("lora_te_") for key in tensors):
@@ -430,11 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    args = parse_args(argv)
+    args = parse_args(take_debug_flag(sys.argv[1:] if argv is None else list(argv)))
     return train(load_recipe(args.recipe, args.overrides), resume=args.resume)
 
 
 if __name__ == "__main__":
-    from sdtune.errors import run_command
-
     sys.exit(run_command(lambda: main(sys.argv[1:])))

@@ -1,21 +1,23 @@
 """Training checkpoints that resume exactly.
 
-A checkpoint is a folder ``<output.dir>/checkpoints/step-<N>/`` holding what
-the next step depends on: the trainable weights (safetensors), the optimizer,
-schedule, EMA and grad-scaler states, the RNG states, and where in the data
-order the run was (JSON). Resuming from it continues the same trajectory, bit
-for bit on CPU: a run interrupted at step N and resumed ends with the weights of
-an uninterrupted one. Only trainable weights are stored (a LoRA checkpoint is
-megabytes, not the whole UNet).
+A checkpoint is a folder ``<output.dir>/checkpoints/<output.name>/step-<N>/``
+holding what the next step depends on: the trainable weights (safetensors), the
+optimizer, schedule, EMA and grad-scaler states, the RNG states, where in the
+data order the run was and which run it belongs to (JSON), and the run's
+history so far (for report.html). Resuming from it continues the same
+trajectory, bit for bit on CPU: a run interrupted at step N and resumed ends
+with the weights of an uninterrupted one. Only trainable weights are stored (a
+LoRA checkpoint is megabytes, not the whole UNet).
 
-The ``.pt`` file holds only tensors and plain containers and is read with
-``torch.load(weights_only=True)``, which refuses anything else.
+A checkpoint appears whole or not at all (written to a temp folder, flushed,
+renamed), and pruning (``checkpoint.keep_last``) touches only the checkpoints of
+the run that writes. The ``.pt`` file holds only tensors and plain containers
+and is read with ``torch.load(weights_only=True)``, which refuses anything else.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import threading
@@ -23,9 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sdtune import atomic
+from sdtune.errors import RecipeError, UserError
+
 PREFIX = "step-"
+FILES = ("trainable.safetensors", "states.pt", "position.json", "recipe.json", "history.json")
 
 
 @dataclass
@@ -36,51 +43,64 @@ class Position:
     epoch: int
     batch_in_epoch: int  # batches of `epoch` already consumed
     micro_steps: int  # accelerate's accumulation counter, so accumulation boundaries line up
-
-
-def checkpoint_dir(out_dir: Path) -> Path:
-    return Path(out_dir) / "checkpoints"
+    run_id: str = ""  # the run the checkpoint belongs to ("" in checkpoints of older sdtune)
 
 
 def save_checkpoint(
-    out_dir: Path,
+    root: Path,
     position: Position,
     trainable: dict[str, torch.Tensor],
     states: dict[str, object],
     recipe_json: str,
     keep_last: int,
-) -> Path:
-    """Write ``checkpoints/step-<N>`` atomically (a temp folder renamed), then keep only the last ``keep_last``."""
-    root = checkpoint_dir(out_dir)
+    history: dict | None = None,
+) -> tuple[Path, list[Path]]:
+    """Write ``root/step-<N>`` atomically, then keep only this run's last ``keep_last``.
+    Returns the checkpoint and the run's checkpoints that are kept."""
+    root = Path(root)
     final = root / f"{PREFIX}{position.step:08d}"
-    tmp = root / f".{final.name}.tmp"
+    tmp = atomic.tmp_beside(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    torch.save(states, tmp / "states.pt")
-    (tmp / "position.json").write_text(json.dumps(asdict(position)), encoding="utf-8")
-    (tmp / "recipe.json").write_text(recipe_json, encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(states, tmp / "states.pt")
+        (tmp / "position.json").write_text(json.dumps(asdict(position)), encoding="utf-8")
+        (tmp / "recipe.json").write_text(recipe_json, encoding="utf-8")
+        (tmp / "history.json").write_text(json.dumps(history or {}), encoding="utf-8")
+        atomic.publish_folder(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    mine = [p for p in list_checkpoints(root) if run_of(p) == position.run_id]
+    for old in mine[:-keep_last]:
         shutil.rmtree(old)
-    return final
+    return final, mine[-keep_last:]
 
 
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    root = checkpoint_dir(out_dir)
+def list_checkpoints(root: Path) -> list[Path]:
+    root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "position.json").is_file())
 
 
-def resolve(resume: str, out_dir: Path) -> Path:
-    """``latest`` or a checkpoint folder -> the folder, or an error that says what exists."""
+def run_of(path: Path) -> str:
+    """The run id a checkpoint belongs to."""
+    try:
+        return json.loads((Path(path) / "position.json").read_text(encoding="utf-8")).get("run_id", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def resolve(resume: str, root: Path) -> Path:
+    """``latest`` (the newest complete checkpoint under ``root``) or a checkpoint folder."""
     if resume == "latest":
-        found = list_checkpoints(out_dir)
+        found = list_checkpoints(root)
         if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoints under {checkpoint_dir(out_dir)}")
+            raise FileNotFoundError(
+                f"--resume latest: no checkpoints under {root}; checkpoints are written with checkpoint.every_steps or "
+                "checkpoint.every_epochs (or when a run is stopped with Ctrl-C / SIGTERM)"
+            )
         return found[-1]
     path = Path(resume)
     if not (path / "position.json").is_file():
@@ -88,12 +108,22 @@ def resolve(resume: str, out_dir: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict[str, object], dict]:
-    position = Position(**json.loads((path / "position.json").read_text(encoding="utf-8")))
-    trainable = load_file(path / "trainable.safetensors")
-    states = torch.load(path / "states.pt", weights_only=True)
-    recipe = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
-    return position, trainable, states, recipe
+def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict[str, object], dict, dict]:
+    """Position, trainable weights, states, recipe and history of a checkpoint folder."""
+    path = Path(path)
+    missing = [name for name in FILES[:4] if not (path / name).is_file()]
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); resume from another one")
+    try:
+        position = Position(**json.loads((path / "position.json").read_text(encoding="utf-8")))
+        trainable = load_file(path / "trainable.safetensors")
+        states = torch.load(path / "states.pt", weights_only=True)
+        recipe = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
+        history_file = path / "history.json"
+        history = json.loads(history_file.read_text(encoding="utf-8")) if history_file.is_file() else {}
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); resume from another one") from None
+    return position, trainable, states, recipe, history
 
 
 def trainable_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -102,10 +132,11 @@ def trainable_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Ten
 
 
 def save_state(
-    out_dir: Path, position: Position, models: dict, optimizer, lr_scheduler, ema, accelerator, recipe_json: str,
-    keep_last: int, params: list[torch.nn.Parameter], nan_advice: str,
-) -> Path | None:
-    """All processes call it; the main one writes. Refuses to save non-finite weights."""
+    root: Path, position: Position, models: dict, optimizer, lr_scheduler, ema, accelerator, recipe_json: str,
+    keep_last: int, params: list[torch.nn.Parameter], nan_advice: str, history: dict | None = None,
+) -> tuple[Path | None, list[Path]]:
+    """All processes call it; the main one writes. Refuses to save non-finite weights.
+    Returns the checkpoint and the run's kept checkpoints (main process; else None, [])."""
     if not all(torch.isfinite(p).all() for p in params):
         raise FloatingPointError(f"non-finite weights at step {position.step}; no checkpoint written. {nan_advice}")
     states = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_states()}
@@ -113,11 +144,11 @@ def save_state(
         states["ema"] = ema.state_dict()
     if accelerator.scaler is not None:
         states["scaler"] = accelerator.scaler.state_dict()
-    saved = None
+    saved, kept = None, []
     if accelerator.is_main_process:
-        saved = save_checkpoint(out_dir, position, trainable_tensors(models), states, recipe_json, keep_last)
+        saved, kept = save_checkpoint(root, position, trainable_tensors(models), states, recipe_json, keep_last, history)
     accelerator.wait_for_everyone()
-    return saved
+    return saved, kept
 
 
 # Lengthening a run or changing how it is saved is fine; anything else would
@@ -125,15 +156,16 @@ def save_state(
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "checkpoint", "output", "data.num_workers")
 
 
-def resume_state(path: Path, recipe: dict, models: dict, optimizer, lr_scheduler, ema, accelerator) -> Position:
-    """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a changed one)."""
-    position, trainable, states, saved_recipe = load_checkpoint(path)
+def resume_state(path: Path, recipe: dict, models: dict, optimizer, lr_scheduler, ema, accelerator) -> tuple[Position, dict]:
+    """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a
+    changed one). Returns where the run is and its history so far."""
+    position, trainable, states, saved_recipe, history = load_checkpoint(path)
     changes = recipe_changes(saved_recipe, recipe, RESUMABLE_CHANGES)
     if changes:
-        raise ValueError(f"the recipe differs from the checkpoint's ({path}):\n  " + "\n  ".join(changes))
+        raise RecipeError(f"the recipe differs from the checkpoint's ({path}):\n  " + "\n  ".join(changes))
     current = trainable_tensors(models)
     if current.keys() != trainable.keys():
-        raise ValueError(f"checkpoint {path} holds other trainable weights than this recipe creates")
+        raise RecipeError(f"checkpoint {path} holds other trainable weights than this recipe creates")
     with torch.no_grad():
         for name, value in trainable.items():
             current[name].copy_(value)
@@ -145,7 +177,7 @@ def resume_state(path: Path, recipe: dict, models: dict, optimizer, lr_scheduler
         accelerator.scaler.load_state_dict(states["scaler"])
     restore_rng(states["rng"])
     accelerator.step = position.micro_steps
-    return position
+    return position, history
 
 
 def rng_states() -> dict[str, object]:

@@ -29,8 +29,8 @@ def test_launch_sh_runs_the_demo(tmp_path):
         [f"output.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}", "train.logger=tensorboard"],
     )
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
-    assert f"wrote {tmp_path / 'out' / 'report.html'}" in run.stdout
-    assert sorted(p.name for p in (tmp_path / "out" / "previews").iterdir()) == [
+    assert f"wrote {tmp_path / 'out' / 'tiny-demo.report.html'}" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "out" / "previews" / "tiny-demo").iterdir()) == [
         "step-000200.png", "step-000400.png", "step-000600.png"
     ]
     assert "validation loss" in run.stdout

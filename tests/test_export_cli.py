@@ -35,8 +35,18 @@ def test_diffusers_folder_to_single_file_and_back(tiny_v, tmp_path, capsys):
         ours, original = cls.from_pretrained(back, subfolder=sub), cls.from_pretrained(tiny_v, subfolder=sub)
         a, b = ours.state_dict(), original.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
-    assert main(["export", "diffusers", str(single), str(back)]) == 1  # exists
+    assert main(["export", "diffusers", str(single), str(back)]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
+    # --overwrite replaces a folder sdtune wrote, and leaves any other folder alone.
+    assert main(["export", "diffusers", str(single), str(back), "--dtype", "fp32", "--overwrite"]) == 0
+    unrelated = tmp_path / "my-models"
+    (unrelated / "keep-me").mkdir(parents=True)
+    assert main(["export", "diffusers", str(single), str(unrelated), "--overwrite"]) == 2
+    assert "not written by sdtune" in capsys.readouterr().err and (unrelated / "keep-me").is_dir()
+    other_file = tmp_path / "someone-elses.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other_file))
+    assert main(["export", "checkpoint", str(tiny_v), str(other_file), "--overwrite"]) == 2
+    assert load_file(other_file).keys() == {"x"}
 
     assert main(["inspect", str(single)]) == 0
     report = capsys.readouterr().out

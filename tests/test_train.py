@@ -16,6 +16,7 @@ from transformers import CLIPTextModel
 from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.export.kohya import merge_lora, read_lora
 from sdtune.models import load_components
+from sdtune.errors import UserError
 from sdtune.recipe import RecipeError, load_recipe
 from sdtune.train import main, train
 
@@ -189,7 +190,7 @@ def test_second_run_encodes_nothing_and_a_changed_image_only_itself(tiny_v, smal
 
 def test_existing_outputs_are_not_overwritten(tiny_v, small_dataset, tmp_path):
     main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1"))
-    with pytest.raises(FileExistsError, match="output.overwrite=true"):
+    with pytest.raises(UserError, match="output.overwrite: true"):
         main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", "output.overwrite=false"))
 
 
@@ -281,7 +282,7 @@ def test_images_without_captions_are_listed_before_any_work(tiny_v, small_datase
 
 
 def test_xformers_request_fails_clearly_on_cpu(tiny_v, small_dataset, tmp_path):
-    with pytest.raises(RuntimeError, match="xformers"):
+    with pytest.raises(UserError, match="xformers"):
         main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", "train.attention=xformers"))
 
 
@@ -469,13 +470,13 @@ def test_resume_from_a_checkpoint_is_bit_exact(tiny_v, small_dataset, tmp_path):
 
     cache = tmp_path / "cache"
     straight = main(_resume_args(tiny_v, small_dataset, tmp_path / "a", cache, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=5"))
-    saved = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    saved = sorted(p.name for p in (tmp_path / "a" / "checkpoints" / "tiny-demo").iterdir())
     assert saved == ["step-00000002", "step-00000004", "step-00000006"]
     assert (tmp_path / "a" / "tiny-demo-step000002.safetensors").is_file()
-    position = json.loads((tmp_path / "a" / "checkpoints" / "step-00000002" / "position.json").read_text())
+    position = json.loads((tmp_path / "a" / "checkpoints" / "tiny-demo" / "step-00000002" / "position.json").read_text())
     assert (position["epoch"], position["batch_in_epoch"]) == (1, 1)
 
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "tiny-demo" / "step-00000002", tmp_path / "b" / "checkpoints" / "tiny-demo" / "step-00000002")
     resumed = main([*_resume_args(tiny_v, small_dataset, tmp_path / "b", cache, "train.max_steps=8", "checkpoint.every_steps=2"), "--resume", "latest"])
     assert resumed.steps == 8 and len(resumed.losses) == 12  # 6 steps x 2 micro-batches
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses[4:]), rtol=0, atol=0)
@@ -485,8 +486,8 @@ def test_resume_from_a_checkpoint_is_bit_exact(tiny_v, small_dataset, tmp_path):
 
     with pytest.raises(ValueError, match=r"(?s)differs from the checkpoint's.*train.learning_rate: 0.001 -> 0.5"):
         main([*_resume_args(tiny_v, small_dataset, tmp_path / "b", cache, "train.max_steps=8", "train.learning_rate=0.5"), "--resume", "latest"])
-    with pytest.raises(FileExistsError, match="--resume latest"):
-        main(_resume_args(tiny_v, small_dataset, tmp_path / "a", cache, "train.max_steps=8", "output.name=new", "output.overwrite=false"))
+    with pytest.raises(UserError, match="--resume latest"):
+        main(_resume_args(tiny_v, small_dataset, tmp_path / "a", cache, "train.max_steps=8", "output.overwrite=false"))
 
 
 def test_sigterm_saves_state_and_the_resumed_run_matches(tiny_v, small_dataset, tmp_path):
@@ -602,13 +603,13 @@ def test_previews_and_report_html(tiny_v, small_dataset, tmp_path):
         "preview.steps=2", "ema.enabled=true", "train.logger=tensorboard",
     ))
     out = tmp_path / "out"
-    grids = sorted((out / "previews").glob("*.png"))
+    grids = sorted((out / "previews" / "tiny-demo").glob("*.png"))
     assert [p.name for p in grids] == ["step-000002.png", "step-000004.png"]
     with Image.open(grids[-1]) as grid:
         width, height = grid.size
     # Two 64 px columns (one per prompt) after the row-label strip; two rows (raw, EMA) under the prompt strip.
     assert 2 * 64 < width <= 2 * 64 + 2 * 64 and 2 * 64 < height < 2 * 64 + 64
-    page = (out / "report.html").read_text()
+    page = (out / "tiny-demo.report.html").read_text()
     assert page.count("<polyline") >= 4  # loss, lr, validation mean and per timestep
     assert "Training loss" in page and "Validation loss" in page and page.count("data:image/png;base64,") == 2
     assert "preview:" in page and "a red circle" in page  # the resolved recipe

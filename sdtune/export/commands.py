@@ -14,12 +14,8 @@ from sdtune.export.kohya import merge_lora, partial_sd2_attention, peft_alphas, 
 from sdtune.export.metadata import converted_lora_metadata
 from sdtune.export.markers import flags_from_metadata, stated_flags
 from sdtune.models import DTYPES, Components, load_components
+from sdtune.outputs import check_replaceable
 
-
-
-def _refuse_overwrite(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
 
 
 def load_base(path: str | Path, prediction: str | None, zero_terminal_snr: bool | None, allow_pickle: bool = False) -> tuple[Components, str, bool]:
@@ -35,19 +31,19 @@ def load_base(path: str | Path, prediction: str | None, zero_terminal_snr: bool 
 
 def export_lora(
     src: str | Path, out: str | Path, *, alpha: float | None = None, base_version: str | None = None,
-    prediction: str = "epsilon", dtype: str = "fp16", overwrite: bool = False,
+    prediction: str = "epsilon", dtype: str = "fp16", overwrite: bool = False, allow_pickle: bool = False,
 ) -> list[Path]:  # fmt: skip
     """A PEFT/diffusers LoRA (a .safetensors file, or a peft folder with adapter_config.json) -> kohya file."""
     src, out = Path(src), Path(out)
-    _refuse_overwrite(out, overwrite)
+    check_replaceable(out, overwrite)
     alphas: dict[str, float] = {}
     if src.is_dir():
         config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
         if config.get("rank_pattern") or config.get("alpha_pattern"):
             raise ValueError(f"{src}: per-layer rank_pattern/alpha_pattern are not supported; export without them")
         alphas = {"unet": config["lora_alpha"], "text_encoder": config["lora_alpha"]}
-        src = src / "adapter_model.safetensors"
-    tensors, metadata = read_tensors(src)
+        src = src / "adapter_model.safetensors" if (src / "adapter_model.safetensors").is_file() or not allow_pickle else src / "adapter_model.bin"
+    tensors, metadata = read_tensors(src, allow_pickle)
     alphas |= peft_alphas(metadata, src)
     if alpha is not None:
         alphas = {"unet": alpha, "text_encoder": alpha}
@@ -81,8 +77,8 @@ def export_merge(
 ) -> list[Path]:  # fmt: skip
     """A kohya LoRA merged into a base model by the UIs' rule, written as a single-file checkpoint."""
     out = Path(out)
-    _refuse_overwrite(out, overwrite)
-    tensors, lora_metadata = read_lora_as_kohya(lora)
+    check_replaceable(out, overwrite)
+    tensors, lora_metadata = read_lora_as_kohya(lora, allow_pickle)
     lora_prediction, lora_ztsnr = flags_from_metadata(lora_metadata)
     prediction = prediction or lora_prediction
     zero_terminal_snr = lora_ztsnr if zero_terminal_snr is None else zero_terminal_snr
@@ -102,7 +98,7 @@ def export_checkpoint(
     dtype: str = "fp16", overwrite: bool = False, allow_pickle: bool = False,
 ) -> list[Path]:  # fmt: skip
     """A diffusers folder (or another single file, e.g. to add markers) -> single-file checkpoint."""
-    _refuse_overwrite(Path(out), overwrite)
+    check_replaceable(Path(out), overwrite)
     parts, prediction, ztsnr = load_base(src, prediction, zero_terminal_snr, allow_pickle)
     return save_checkpoint(
         out, parts.unet, parts.vae, parts.text_encoder, version=parts.base_model_version, prediction_type=prediction,
@@ -115,7 +111,7 @@ def export_diffusers(
     dtype: str = "fp16", overwrite: bool = False, allow_pickle: bool = False,
 ) -> list[Path]:  # fmt: skip
     """A single-file checkpoint -> diffusers folder (scheduler with its prediction type)."""
-    _refuse_overwrite(Path(out), overwrite)
+    check_replaceable(Path(out), overwrite)
     parts, _, _ = load_base(src, prediction, zero_terminal_snr, allow_pickle)
     folder = save_diffusers_folder(
         Path(out), parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.noise_scheduler.config, DTYPES[dtype]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
 
+import sdtune
 from sdtune import atomic
+
+MARKER = "sdtune.json"  # says the folder is sdtune's, so `export --overwrite` may replace it
 
 
 def save_diffusers_folder(
@@ -38,6 +42,7 @@ def save_diffusers_folder(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / MARKER).write_text(json.dumps({"written_by": "sdtune", "version": sdtune.__version__}), encoding="utf-8")
         return atomic.publish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -68,7 +68,7 @@ def write_result(stem: Path, spec: ResultSpec, unet, text_encoder, parts, steps:
                 prediction_type=spec.prediction_type, zero_terminal_snr=spec.zero_terminal_snr, dtype=spec.dtype,
                 extras=parts.ldm_extras or None, title=spec.title,
                 extra_metadata={"sdtune.recipe": spec.recipe_json, "sdtune.base_model_sha256": parts.sha256},
-            )[:1]
+            )
         else:
             written.append(save_diffusers_folder(
                 path, unet, parts.vae, text_encoder, parts.tokenizer, parts.noise_scheduler.config, spec.dtype
