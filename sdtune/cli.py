@@ -137,22 +137,24 @@ def _recipe_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
 def describe_data(recipe: Recipe) -> None:
     """Scan and bucket the recipe's data the way a run would; print what it found.
 
-    Bad images are listed, not fatal, so one look shows all of them; the exit
-    status says whether a run with the recipe's settings would start.
+    Every problem is listed in one pass (missing captions, bad images, orphan
+    captions), none is fatal to the scan; the exit status says whether a run with
+    the recipe's settings would start.
     """
-    from sdtune.data.plan import format_problems, plan_data, summary
+    from sdtune.data.plan import format_problems, plan_data, summary, verdict
+    from sdtune.errors import DataError
     from sdtune.tiny import clip_tokenizer
 
     # SD 1.x and 2.x tokenize with the same BPE; the bundled copy counts tokens without a model.
-    plan = plan_data(recipe.data.model_copy(update={"on_bad_image": "skip"}), recipe.train.seed, clip_tokenizer())
+    data = recipe.data
+    plan = plan_data(data, recipe.train.seed, clip_tokenizer(), check=False)
     print(summary(plan))
-    if plan.skipped and recipe.data.on_bad_image == "fail":
-        raise ValueError(
-            "\n".join(
-                [f"a run would stop on {len(plan.skipped)} bad image(s):", *format_problems(plan.skipped, []),
-                 "set data.on_bad_image: skip to train without them"]
-            )
-        )
+    uncaptioned = [p for p in plan.problems if p.kind == "no_caption"]
+    if uncaptioned:
+        print("\n".join(["images without a caption:", *format_problems(uncaptioned, [])]))
+    stop = verdict(plan, data.missing_caption, data.on_bad_image)
+    if stop:
+        raise DataError(stop)
 
 
 def build_caches(recipe: Recipe) -> None:

@@ -207,6 +207,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                          models.get("text_encoder", text_encoder), step, stopped_by, validation)
     if stopped_by is None and accelerator.is_main_process:  # the results
         written = _write_result(folder.stem, spec, models, ema, params, parts, step, plan.images)
+        if opt.method == "lora":
+            _warn_unchanged_layers(written[0])
         _finish(written, folder, recipe.to_yaml(), parts, model.prediction_type, model.zero_terminal_snr,
                 plan.images, step, step - position.step, time.perf_counter() - started, skipped, history, validation)
     elif accelerator.is_main_process:
@@ -297,6 +299,19 @@ def _finish(written, folder: RunFolder, recipe_yaml: str, parts, prediction_type
     for path in [*written, folder.report]:
         print(f"sdtune: wrote {path}")
     print(f"sdtune: recipe {folder.recipe}; logs {folder.dir / 'logs' / folder.name}")
+
+
+def _warn_unchanged_layers(lora_file: Path) -> None:
+    """Layers that got no gradient are exported as zeros: say so, as `sdtune inspect` would."""
+    from sdtune.export.inspect import zero_update_layers
+    from sdtune.export.kohya import read_lora
+
+    tensors = read_lora(lora_file)[0]
+    unchanged = zero_update_layers(tensors)
+    if unchanged:
+        total = len({k.split(".", 1)[0] for k in tensors})
+        print(f"sdtune: warning: {len(unchanged)} of {total} LoRA layers change nothing (their update is exactly zero: "
+              f"no gradient reached them), e.g. {', '.join(unchanged[:2])}; `sdtune inspect {lora_file}` lists them", file=sys.stderr)
 
 
 def _print_resume(signal: int, step: int, saved: Path | None) -> None:

@@ -129,7 +129,13 @@ def test_sdtune_data_prints_the_summary_and_bucket_histogram(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 2
     assert "images: 3 trained" in out and "truncated.png" in out  # the summary, with the problems
-    assert "a run would stop on 6 bad image(s)" in err and "data.on_bad_image: skip" in err
+    assert "a run with these settings would stop: 6 bad image(s)" in err and "data.on_bad_image: skip" in err
+
+    # Without a caption policy, the missing caption and the bad files are all named in one pass.
+    code = cli_main(["data", str(bad), "--set", "data.resolution=64", "--set", "data.bucket_step=16"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "truncated.png" in out and "nocaption.png" in out
+    assert "1 image(s) have no caption" in err and "6 bad image(s)" in err
 
 
 def test_sdtune_cache_builds_ahead_and_training_then_encodes_nothing(tiny_v, small_dataset, tmp_path, capsys):

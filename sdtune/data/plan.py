@@ -19,6 +19,7 @@ from sdtune.data.buckets import make_buckets, nearest_bucket
 from sdtune.data.captions import truncated, with_prefix
 from sdtune.data.images import Crop, ImageInfo, inspect_image, place_crop
 from sdtune.data.sources import PROBLEM_KINDS, Problem, Sample, Source, find_samples
+from sdtune.errors import DataError
 from sdtune.recipe import DataSection
 
 # Problems that make an image untrainable; data.on_bad_image decides what happens.
@@ -69,8 +70,9 @@ class DataPlan:
     truncated: list[str] = field(default_factory=list)  # names of captions cut to the token limit
 
 
-def plan_data(data: DataSection, seed: int, tokenizer=None) -> DataPlan:
-    """The recipe's data section as a scanned, bucketed plan (``train``, ``sdtune data``, ``sdtune cache``)."""
+def plan_data(data: DataSection, seed: int, tokenizer=None, check: bool = True) -> DataPlan:
+    """The recipe's data section as a scanned, bucketed plan (``train``, ``sdtune data``, ``sdtune cache``);
+    ``check=False`` lists every problem in the plan instead of stopping (``sdtune data``)."""
     if data.sources:
         sources = [
             Source(**{**s.model_dump(), "caption_extensions": tuple(s.caption_extensions), "setting": f"data.sources[{i}].path"})
@@ -91,6 +93,7 @@ def plan_data(data: DataSection, seed: int, tokenizer=None) -> DataPlan:
         split_seed=data.split_seed,
         seed=seed,
         tokenizer=tokenizer,
+        check=check,
     )
 
 
@@ -108,6 +111,7 @@ def plan_dataset(
     seed: int = 0,
     tokenizer=None,
     threads: int | None = None,
+    check: bool = True,
 ) -> DataPlan:
     """Scan ``sources`` and plan one epoch; raise ``ValueError`` listing every problem
     when ``on_bad_image`` is ``fail`` (or a caption is missing and
@@ -147,12 +151,13 @@ def plan_dataset(
         else:
             kept.append((sample, digest, info, bucket))
 
-    _raise_for(problems, sources, on_bad_image)
-    if not kept:
-        lines = [f"no trainable images left in {', '.join(s.path for s in sources)}:", *format_problems(problems, sources)]
-        raise ValueError("\n".join(lines + _hints(problems)))
+    if check:
+        _raise_for(problems, sources, on_bad_image)
+        if not kept:
+            lines = [f"no trainable images left in {', '.join(s.path for s in sources)}:", *format_problems(problems, sources)]
+            raise DataError("\n".join(lines + _hints(problems)))
 
-    held_out = _validation_names([s.name for s, *_ in kept], validation_split, split_seed)
+    held_out = _validation_names([s.name for s, *_ in kept], validation_split, split_seed) if kept else set()
     train, validation = [], []
     for sample, digest, info, bucket in kept:
         x, y = (0.5, 0.5) if crop == "center" else _random_position(seed, digest, sample.name)
@@ -194,7 +199,7 @@ def _validation_names(names: list[str], split: float, seed: int) -> set[str]:
     if count <= 0:
         return set()
     if count >= len(names):
-        raise ValueError(
+        raise DataError(
             f"data.validation_split {split} holds out {count} of {len(names)} images, leaving none to train on; lower it"
         )
     order = sorted(names)
@@ -214,7 +219,7 @@ def _raise_for(problems: list[Problem], sources: list[Source], on_bad_image: str
         lines.append(
             "set data.on_bad_image: skip to train without the bad images (their list is written to the output folder)"
         )
-    raise ValueError("\n".join(lines + _hints(shown)))
+    raise DataError("\n".join(lines + _hints(shown)))
 
 
 def _hints(problems: list[Problem]) -> list[str]:
@@ -268,6 +273,20 @@ def warnings_for(plan: DataPlan, token_limit: int = 77) -> list[str]:
 def skipped_report(plan: DataPlan) -> str:
     """The skipped list written next to a run's outputs: one tab-separated line per file."""
     return "".join(f"{p.name}\t{p.kind}\t{p.detail}\n" for p in plan.skipped)
+
+
+def verdict(plan: DataPlan, missing_caption: str, on_bad_image: str) -> str | None:
+    """Why a run with these settings would stop on ``plan`` (made with ``check=False``), or None."""
+    uncaptioned = [p for p in plan.problems if p.kind == "no_caption"]
+    bad = [p for p in plan.problems if p.kind in BAD_IMAGE]
+    reasons = []
+    if uncaptioned and missing_caption == "fail":
+        reasons.append(f"{len(uncaptioned)} image(s) have no caption (set data.missing_caption: empty or filename)")
+    if bad and on_bad_image == "fail":
+        reasons.append(f"{len(bad)} bad image(s) (set data.on_bad_image: skip to train without them)")
+    if not plan.train:
+        reasons.append("no image is left to train on")
+    return "a run with these settings would stop: " + "; ".join(reasons) if reasons else None
 
 
 def summary(plan: DataPlan, width: int = 40) -> str:
