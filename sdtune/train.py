@@ -26,6 +26,7 @@ if not __package__:
     # cannot shadow installed ones.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import sdtune  # noqa: F401  (first: it quiets library notices before the libraries load)
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed

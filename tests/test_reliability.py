@@ -1,0 +1,246 @@
+"""Nothing lost, nothing unsafe, no tracebacks (docs/reliability.md): runs own their
+files, writes survive kills, pickles need permission, and every user mistake is one
+paragraph with a documented exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdtune import atomic, training_state
+from sdtune.errors import EXIT_DIVERGED, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, ModelFileError, UserError, run_command
+from sdtune.export.kohya import read_lora
+from sdtune.train import main
+
+from conftest import ROOT
+from test_train import _args
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+# -- Output folders protect runs ----------------------------------------------------------------
+
+
+def test_a_new_run_moves_the_earlier_one_aside_and_prunes_only_its_own_files(tiny_v, small_dataset, tmp_path):
+    out = tmp_path / "out"
+    first = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=2"))
+    record = json.loads((out / "tiny-demo.run.json").read_text())
+    assert record["status"] == "finished" and record["step"] == 6
+    # keep_last applies to step exports too: those of the two kept checkpoints remain.
+    assert sorted(p.name for p in out.glob("tiny-demo-step*")) == ["tiny-demo-step000004.safetensors", "tiny-demo-step000005.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints" / "tiny-demo").iterdir()) == ["step-00000004", "step-00000005"]
+    first_lora, _ = read_lora(first.output)
+
+    # Without output.overwrite the next run of that name is refused, naming the run.
+    with pytest.raises(UserError, match=record["run_id"]):
+        main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "output.overwrite=false"))
+    # Another name in the same folder is its own run and touches nothing of this one.
+    other = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=other", "output.overwrite=false"))
+    assert other.output.is_file() and first.output.is_file()
+
+    # With output.overwrite (the demo recipe's), the earlier run's files move aside, whole;
+    # the new run's checkpoint is not pruned for the old run's higher steps.
+    second = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=3", "checkpoint.every_steps=2"))
+    aside = out / ".sdtune-replaced" / "tiny-demo"
+    old, _ = read_lora(aside / "tiny-demo.safetensors")
+    assert old.keys() == first_lora.keys() and all(torch.equal(old[k], first_lora[k]) for k in old)
+    assert (aside / "checkpoints" / "tiny-demo" / "step-00000005").is_dir()
+    assert sorted(p.name for p in (out / "checkpoints" / "tiny-demo").iterdir()) == ["step-00000002"]
+    assert training_state.resolve("latest", out / "checkpoints" / "tiny-demo").name == "step-00000002"
+    assert json.loads((out / "tiny-demo.run.json").read_text())["run_id"] != record["run_id"]
+    assert second.output.is_file() and (out / "other.safetensors").is_file() and (out / "other.run.json").is_file()
+
+
+def test_stale_temp_files_of_dead_processes_are_removed_at_start(tiny_v, small_dataset, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = atomic.tmp_beside(out / "tiny-demo.safetensors").with_name(f".tiny-demo.safetensors.{atomic.HOST}.{dead.pid}.tmp")
+    stale.write_bytes(b"half a file")
+    live = atomic.tmp_beside(out / "other.safetensors")  # this process: alive
+    live.write_bytes(b"being written")
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1"))
+    assert not stale.exists() and live.exists()
+
+
+def test_a_killed_writer_never_leaves_a_torn_file_and_a_later_start_cleans_up(tmp_path):
+    """12 SIGKILLs at random moments of a loop that does nothing but write checkpoints,
+    result files and folder exports with sdtune's writers: after every kill the newest
+    checkpoint, the result file and the folder are each whole (every tensor holds one
+    round's value), the next start resumes, and the cleanup of a later start leaves no
+    temp file behind."""
+    rng = random.Random(1)
+    removed_total = 0
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "crash_writer.py"), str(tmp_path)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline(), "the writer did not start"  # it has written at least one round
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        root = tmp_path / "checkpoints" / "run"
+        position, weights, states, _, history = training_state.load_checkpoint(training_state.resolve("latest", root))
+        assert all((t == position.step).all() for t in [*weights.values(), states["optimizer"]["exp_avg"]])
+        assert history["loss"] == [[position.step, float(position.step)]]
+        assert len(training_state.list_checkpoints(root)) <= 2 + 1  # keep_last, plus one whose pruning was cut short
+        result = load_file(tmp_path / "result.safetensors")
+        assert len({float(t.flatten()[0]) for t in result.values()}) == 1
+        assert len({float(t.flatten()[0]) for name in ("unet", "vae", "text_encoder")
+                    for t in load_file(tmp_path / "folder" / name / "model.safetensors").values()}) == 1
+        removed_total += len(atomic.remove_stale_temps(tmp_path))  # what the next start does
+        assert not [p for p in tmp_path.rglob("*") if atomic.TMP_NAME.match(p.name)]
+    assert removed_total > 0  # some kills did land mid-write
+
+
+def test_a_killed_training_run_resumes_from_its_last_whole_checkpoint(tiny_v, small_dataset, tmp_path):
+    def command(steps: int) -> list[str]:
+        return [sys.executable, "-m", "sdtune", "train", *_args(tiny_v, small_dataset, tmp_path, f"train.max_steps={steps}",
+                "checkpoint.every_steps=5", "checkpoint.keep_last=2", "train.deterministic=true")]
+
+    proc = subprocess.Popen(command(400), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    root = tmp_path / "out" / "checkpoints" / "tiny-demo"
+    deadline = time.time() + 120
+    while len(training_state.list_checkpoints(root)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(2).uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = training_state.resolve("latest", root)
+    resumed = subprocess.run([*command(int(latest.name.split("-")[1]) + 3), "--resume", "latest"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {latest}" in resumed.stdout
+    assert not [p for p in (tmp_path / "out").rglob("*") if atomic.TMP_NAME.match(p.name)]
+    assert json.loads((tmp_path / "out" / "tiny-demo.run.json").read_text())["status"] == "finished"
+
+
+def test_report_of_a_resumed_run_shows_the_whole_run(tiny_v, small_dataset, tmp_path):
+    out = tmp_path / "out"
+    common = ("train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep_last=5", "train.deterministic=true")
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=4", *common))
+    whole = (out / "tiny-demo.report.html").read_text()
+    step2 = out / "checkpoints" / "tiny-demo" / "step-00000002"
+    main([*_args(tiny_v, small_dataset, tmp_path, "train.max_steps=4", *common), "--resume", str(step2)])
+    resumed = (out / "tiny-demo.report.html").read_text()
+
+    def loss_points(page: str) -> int:
+        chart = page[page.index("Training loss"):]
+        return len(chart[chart.index('points="') + 8 : chart.index('"', chart.index('points="') + 8)].split())
+
+    assert loss_points(whole) == 4 and loss_points(resumed) == 4  # steps 1-2 came from the checkpoint
+
+
+# -- One loading policy -------------------------------------------------------------------------
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch boom-was-run",))
+
+
+def test_pickles_anywhere_need_the_flag_and_load_as_tensors_only(tiny_v, tmp_path, monkeypatch):
+    import shutil
+
+    from sdtune.export.kohya import read_lora
+    from sdtune.models import load_components
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "bin-model"
+    shutil.copytree(tiny_v, folder)
+    unet = folder / "unet"
+    torch.save(load_file(unet / "diffusion_pytorch_model.safetensors"), unet / "diffusion_pytorch_model.bin")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFileError, match=r"unet/diffusion_pytorch_model.bin.*model.allow_pickle: true"):
+        load_components(folder, "v_prediction", False)
+    assert load_components(folder, "v_prediction", False, allow_pickle=True).unet is not None
+
+    lora = tmp_path / "lora.pt"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, lora)
+    with pytest.raises(ModelFileError, match="allow_pickle"):
+        read_lora(lora)
+    assert read_lora(lora, allow_pickle=True)[0].keys() == {"lora_unet_x.lora_down.weight"}
+
+    hostile = tmp_path / "hostile.ckpt"
+    hostile.write_bytes(pickle.dumps({"state_dict": _Boom()}))
+    code = subprocess.run([sys.executable, "-m", "sdtune", "inspect", str(hostile), "--allow-pickle"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert code.returncode == EXIT_USER_ERROR and "holds objects other than tensors" in code.stderr
+    assert "Traceback" not in code.stderr and not (tmp_path / "boom-was-run").exists()
+
+
+# -- One paragraph, no traceback, documented exit statuses --------------------------------------
+
+
+def _sdtune(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "sdtune", *args], capture_output=True, text=True, cwd=cwd or ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def _one_paragraph(stderr: str) -> str:
+    """The one error message (it may list several files, one a line), and nothing after it."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("sdtune: error:") == 1, stderr[-3000:]
+    return stderr[stderr.index("sdtune: error:"):]
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("model.path={garbage}", "is not a readable safetensors file"),
+    ("lora.merge_first={garbage}", "is not a readable safetensors file"),
+    ("train.learning_rate=.inf", "learning_rate"),
+    ("train.learning_rate=1e4", "learning_rate"),
+    ("data.path={missing}", "data.path"),
+])
+def test_user_mistakes_are_one_paragraph_with_status_2(tiny_v, small_dataset, tmp_path, setting, expected):
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"this is not a safetensors file at all" * 10)
+    setting = setting.format(garbage=garbage, missing=tmp_path / "nowhere")
+    run = _sdtune("train", *_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", setting))
+    assert run.returncode == EXIT_USER_ERROR
+    assert expected in _one_paragraph(run.stderr)
+
+
+def test_yaml_syntax_error_says_where(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_steps: 3\n  learning_rate: [1e-4\n")
+    run = _sdtune("data", "--recipe", str(recipe))
+    assert run.returncode == EXIT_USER_ERROR and "line" in _one_paragraph(run.stderr)
+    debug = _sdtune("data", "--recipe", str(recipe), "--debug")
+    assert "Traceback" in debug.stderr  # --debug shows where it came from
+
+
+def test_non_finite_training_and_out_of_memory_have_their_own_statuses(tiny_v, small_dataset, tmp_path, capsys):
+    run = _sdtune("train", *_args(tiny_v, small_dataset, tmp_path, "train.max_steps=30", "train.learning_rate=10",
+                                  "lora.alpha=8", "train.max_grad_norm=0", "train.lr_warmup_steps=0"))
+    assert run.returncode == EXIT_DIVERGED and "learning_rate" in _one_paragraph(run.stderr)
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert run_command(out_of_memory) == EXIT_OUT_OF_MEMORY
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "train.batch_size" in err and "train.gradient_checkpointing" in err
+
+
+def test_errors_under_accelerate_launch(tiny_v, small_dataset, tmp_path):
+    """accelerate reports a failed process with its own traceback unless run with -q;
+    with -q the user sees sdtune's paragraph alone; without, sdtune says why a traceback follows."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    base = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+    args = _args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", f"model.path={tmp_path / 'absent'}")
+    quiet = subprocess.run([*base, "-q", "sdtune/train.py", *args], capture_output=True, text=True, cwd=ROOT)
+    assert quiet.returncode != 0 and "model.path" in _one_paragraph(quiet.stderr)
+    loud = subprocess.run([*base, "sdtune/train.py", *args], capture_output=True, text=True, cwd=ROOT)
+    assert "accelerate launch -q" in loud.stderr and "model.path" in loud.stderr
