@@ -21,6 +21,11 @@ def test_launch_sh_runs_the_demo(tmp_path):
     out = tmp_path / "out" / "tiny-demo.safetensors"
     assert f"wrote {out}" in run.stdout  # it ends by saying where the outputs are
     assert "training: 100%" in run.stderr and "loss=" in run.stderr and "step/s" in run.stderr  # progress bar
+    # A quiet run: sdtune's own lines and progress bars only, no library notices.
+    bars = ("training:", "caching latents:", "caching text:")
+    noise = [line for line in run.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith("sdtune:") and not line.lstrip().startswith(bars)]
+    assert not noise, noise[:5]
     tensors, metadata = read_lora(out)
     assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_steps"] == "600"
     assert any(k.endswith(".alpha") for k in tensors)

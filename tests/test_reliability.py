@@ -244,3 +244,12 @@ def test_errors_under_accelerate_launch(tiny_v, small_dataset, tmp_path):
     assert quiet.returncode != 0 and "model.path" in _one_paragraph(quiet.stderr)
     loud = subprocess.run([*base, "sdtune/train.py", *args], capture_output=True, text=True, cwd=ROOT)
     assert "accelerate launch -q" in loud.stderr and "model.path" in loud.stderr
+
+
+def test_a_lora_that_changes_nothing_is_named_at_the_end_of_the_run(tiny_v, small_dataset, tmp_path, capsys):
+    """A learning rate so small that every update rounds to zero in the fp16 export: the
+    file loads in the UIs and changes nothing, and the run says so; a real run does not."""
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", "train.learning_rate=1e-9", "train.lr_warmup_steps=0"))
+    assert "56 of 56 LoRA layers change nothing" in capsys.readouterr().err
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=real"))
+    assert "change nothing" not in capsys.readouterr().err
