@@ -176,3 +176,100 @@ def test_shipped_recipe_without_the_users_files_says_what_to_set(name, tmp_path)
     )
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "model.path" in run.stderr or "data.path" in run.stderr, run.stderr
+
+
+def test_yaml_mistakes_name_the_file_line_and_column(tmp_path, capsys):
+    from sdtune.errors import run_command
+
+    path = tmp_path / "r.yaml"
+    for text, expected in [
+        ("train:\n  max_steps: 3\n\tbatch_size: 2\n", r"line 3, column 1: found character '\\t' .*spaces, not tabs"),
+        ("train: {learning_rate: [1e-4\n", r"line 2, column 1: expected ',' or '\]'.* \(while parsing a flow sequence at line 1, column 24\)"),
+        ("preview:\n  prompts: [@cat]\n", r"line 2, column 13: found character '@'"),
+        ("train:\n  seed: 1\x00\n", r"line 2, column 10: character '\\x00' is not allowed"),
+        ("a: 1\n---\nb: 2\n", r"line 2, column 1: but found another document"),
+        ("[" * 5000, "it is nested too deeply"),
+    ]:
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(RecipeError, match=rf"^recipe {path} is not valid YAML: {expected}") as info:
+            load_recipe(path)
+        assert "\n" not in str(info.value)
+    # The CLI's answer: one paragraph, exit status 2, no traceback.
+    assert run_command(lambda: load_recipe(path)) == 2
+    assert capsys.readouterr().err.startswith(f"sdtune: error: recipe {path} is not valid YAML")
+
+
+def test_a_recipe_that_is_not_utf8_text_a_file_or_a_mapping_says_so(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("train:\n  max_steps: 3 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"not UTF-8 text: byte 27 \(line 2, column 21\) is 0xe9; save the file as UTF-8"):
+        load_recipe(path)
+    path.write_bytes("train:\n  max_steps: 3\n".encode("utf-16"))
+    with pytest.raises(RecipeError, match="not UTF-8 text"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="is a folder"):
+        load_recipe(tmp_path)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(RecipeError, match="cannot be read: File name too long"):
+        load_recipe(tmp_path / ("x" * 5000))
+    for text in ("", "# only a comment\n", "---\n"):
+        path.write_text(text)
+        with pytest.raises(RecipeError, match="is empty; a recipe is a mapping of sections"):
+            load_recipe(path)
+    path.write_text("- train\n- data\n")
+    with pytest.raises(RecipeError, match="must be a mapping of sections, got list"):
+        load_recipe(path)
+    path.write_bytes(b"\xef\xbb\xbftrain:\n  max_steps: 3\n")  # a BOM is fine
+    assert load_recipe(path).train.max_steps == 3
+
+
+def test_set_value_that_is_not_yaml_names_the_column():
+    with pytest.raises(RecipeError, match=r"--set 'preview.prompts=\[a cat': the value is not valid YAML \(column 7: expected ',' or '\]'") as info:
+        load_recipe(None, ["preview.prompts=[a cat"])
+    assert "put quotes around" in str(info.value)
+    with pytest.raises(RecipeError, match=r"column 1: found character '@'"):
+        load_recipe(None, ["preview.prompts=@cat"])
+    with pytest.raises(RecipeError, match="not a dotted key"):
+        load_recipe(None, ["train..max_steps=3"])
+    assert load_recipe(None, ["preview.prompts=['@cat: on a mat']"]).preview.prompts == ["@cat: on a mat"]
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
+    ("train.learning_rate=.nan", "train.learning_rate: Input should be a finite number"),
+    ("train.learning_rate=inf", "train.learning_rate: Input should be a finite number"),
+    ("train.learning_rate=1e4", "train.learning_rate: Input should be less than or equal to 10"),
+    ("train.text_encoder_learning_rate=11.0", "train.text_encoder_learning_rate: Input should be less than or equal to 10"),
+    ("train.text_encoder_learning_rate=-1e-4", "train.text_encoder_learning_rate: Input should be greater than 0"),
+    ("data.max_aspect_ratio=.inf", "data.max_aspect_ratio: Input should be a finite number"),
+    ("train.logit_mean=-.inf", "train.logit_mean: Input should be a finite number"),
+    ("lora.merge_first_weight=.nan", "lora.merge_first_weight: Input should be a finite number"),
+    ("preview.cfg=1e400", "preview.cfg: Input should be a finite number"),
+    ("data.resolution=1048576", "data.resolution must be a multiple of 8 from 64 to 4096"),
+    ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+    ("train.seed=4294967295", "train.seed: Input should be less than or equal to 2147483647"),
+    ("preview.seed=4294967296", "preview.seed: Input should be less than or equal to 4294967295"),
+    ("train.min_timestep=1000", "train.min_timestep: Input should be less than or equal to 999"),
+    ("preview.size=100", "preview.size must be a multiple of 8"),
+    ("data.path=' '", "data.path is empty"),
+    ("data.sources=[{path: ''}]", "data.sources.0.path: the path is empty"),
+    ("data.sources=[{path: x, caption_extensions: [txt]}]", "caption_extensions must be file suffixes such as '.txt', got \\['txt'\\]"),
+])
+def test_values_that_would_fail_at_run_time_are_refused_at_load(assignment, message):
+    extra = ["data.path=null"] if assignment.startswith("data.sources") else []
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(ROOT / "recipes/tiny_demo.yaml", [*extra, assignment])
+
+
+def test_run_time_rules_are_checked_at_load():
+    with pytest.raises(RecipeError, match="one_cycle needs train.max_steps of at least 4"):
+        recipe_from_dict({"train": {"lr_scheduler": "one_cycle", "max_steps": 3}})
+    assert recipe_from_dict({"train": {"lr_scheduler": "one_cycle", "max_steps": 4}}).train.max_steps == 4
+    with pytest.raises(RecipeError, match="prodigy .* train.text_encoder_learning_rate around 1.0"):
+        recipe_from_dict({"train": {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_learning_rate": 1e-5}})
+    vpred = {"prediction_type": "v", "zero_terminal_snr": True}
+    with pytest.raises(RecipeError, match="preview.sampler heun has no zero-terminal-SNR schedule .*use one of .*euler"):
+        recipe_from_dict({"model": vpred, "preview": {"prompts": ["a cat"], "sampler": "heun"}})
+    assert recipe_from_dict({"model": vpred, "preview": {"prompts": ["a cat"], "sampler": "euler"}}).preview.sampler == "euler"
+    assert recipe_from_dict({"model": vpred, "preview": {"sampler": "heun"}}).preview.prompts == []  # no previews, no sampler

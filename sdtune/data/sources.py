@@ -11,18 +11,24 @@
 Nothing here decodes an image. Problems a source can see by itself (an image
 without a caption, a caption without an image, a caption that is not UTF-8) are
 returned as :class:`Problem` values next to the samples, so the caller can report
-all of them at once instead of stopping at the first.
+all of them at once instead of stopping at the first. A source that cannot be
+read at all (a missing folder, a metadata table that is not UTF-8, not JSON
+lines or CSV, or whose rows are not file names and captions) is a
+:class:`DataError` naming the file and the line.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from sdtune.errors import DataError, MissingExtraError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -88,7 +94,7 @@ def resolve_kind(source: Source) -> str:
         return "folder"
     if "/" in source.path and not path.exists() and source.path.count("/") == 1 and not source.path.startswith((".", "/")):
         return "hf"  # "owner/name": a Hub dataset name, resolved from the local cache
-    raise FileNotFoundError(
+    raise DataError(
         f"{source.setting} {source.path} does not exist; point it at a folder of images with same-stem .txt captions, "
         "a folder with metadata.jsonl/csv, or a datasets folder or name"
     )
@@ -108,7 +114,7 @@ def find_samples(source: Source, missing_caption: str) -> tuple[list[Sample], li
     elif kind == "hf":
         samples, problems = _hf_dataset(source.path, source.split, source.image_column, source.caption_column)
     else:
-        raise ValueError(f"data source kind {kind!r} is not one of auto, folder, metadata, hf")
+        raise DataError(f"data source kind {kind!r} is not one of auto, folder, metadata, hf")
     samples = [
         Sample(s.name, s.caption, s.read, s.repeats * source.repeats, source.prefix) for s in samples
     ]
@@ -122,16 +128,20 @@ def caption_from_filename(path: Path) -> str:
 
 def _images_under(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"data source {folder} is not a folder of captioned images")
+        raise DataError(f"data source {folder} is not a folder of captioned images")
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise ValueError(f"data source {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"data source {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
 def _read_caption(path: Path) -> str | Problem:
     try:
-        return path.read_bytes().decode("utf-8-sig").strip()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"caption file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:
         return Problem(str(path), "caption_encoding", f"byte {exc.start}; save it as UTF-8")
 
@@ -181,21 +191,15 @@ def _folder(folder: Path, extensions: tuple[str, ...], missing_caption: str) -> 
 def _metadata(path: Path, caption_column: str, missing_caption: str) -> tuple[list[Sample], list[Problem]]:
     folder = path if path.is_dir() else path.parent
     table = path if path.is_file() else next(folder / name for name in METADATA_FILES if (folder / name).is_file())
-    rows = _metadata_rows(table)
     captions: dict[Path, str] = {}
     problems: list[Problem] = []
-    for number, row in enumerate(rows, start=1):
-        if "file_name" not in row or caption_column not in row:
-            missing = "file_name" if "file_name" not in row else caption_column
-            raise ValueError(
-                f"{table} row {number} has no {missing!r} column (columns: {', '.join(row)}); "
-                "set caption_column on the data source to the column that holds the captions"
-            )
-        image = (folder / row["file_name"]).resolve()
-        if not image.is_file():
-            problems.append(Problem(str(folder / row["file_name"]), "orphan_caption", f"named in {table.name} row {number}"))
+    for line, row in _metadata_rows(table):
+        file_name, caption = _row_fields(row, caption_column, f"{table} line {line}")
+        image = _named_file(folder, file_name)
+        if image is None:
+            problems.append(Problem(str(folder / file_name), "orphan_caption", f"named in {table.name} line {line}"))
             continue
-        captions[image] = str(row[caption_column] or "").strip()
+        captions[image] = caption
     samples: list[Sample] = []
     for image in _images_under(folder):
         caption = captions.get(image.resolve())
@@ -210,49 +214,127 @@ def _metadata(path: Path, caption_column: str, missing_caption: str) -> tuple[li
     return samples, problems
 
 
-def _metadata_rows(table: Path) -> list[dict]:
+def _metadata_rows(table: Path) -> list[tuple[int, Any]]:
+    """(line number, row) of a metadata.jsonl (any JSON value: checked by the caller) or
+    metadata.csv (a dict of the header's columns)."""
     try:
-        text = table.read_text(encoding="utf-8-sig")
+        text = table.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise DataError(f"{table} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{table} is not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
+        raise DataError(f"{table} is not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
     if table.suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        return _csv_rows(table, text)
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # JSON lines end at \n only
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append((number, json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{table} line {number} is not JSON: {exc.msg}") from None
+                raise DataError(f"{table} line {number} is not JSON: {exc.msg} (column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:  # numbers of over 4300 digits, nesting too deep
+                raise DataError(f"{table} line {number} is not a JSON object we can read: {exc}") from None
     return rows
+
+
+def _csv_rows(table: Path, text: str) -> list[tuple[int, dict[str, str]]]:
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": quoted captions may hold line breaks
+    rows = []
+    try:
+        header = next(reader, None)
+        for cells in reader:
+            if not cells:
+                continue  # a blank line
+            if len(cells) != len(header):
+                raise DataError(
+                    f"{table} line {reader.line_num} has {len(cells)} cells but the header has {len(header)} "
+                    f"({', '.join(header)}); put quotes around captions that hold commas (\"a red box, studio\")"
+                )
+            rows.append((reader.line_num, dict(zip(header, cells))))
+    except csv.Error as exc:
+        raise DataError(f"{table} line {reader.line_num} is not CSV: {exc}") from None
+    return rows
+
+
+def _row_fields(row: Any, caption_column: str, where: str) -> tuple[str, str]:
+    """A metadata row's file name and caption, checked: ``where`` names the table and line."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is {_json_kind(row)}, not an object with 'file_name' and {caption_column!r}")
+    if "file_name" not in row or caption_column not in row:
+        missing = "file_name" if "file_name" not in row else caption_column
+        raise DataError(
+            f"{where} has no {missing!r} column (columns: {', '.join(map(str, row))}); "
+            "set caption_column on the data source to the column that holds the captions"
+        )
+    file_name, caption = row["file_name"], row[caption_column]
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise DataError(f"{where}: 'file_name' is {_json_kind(file_name)}, not the path of an image in the folder")
+    if caption is None:
+        caption = ""  # as an empty cell of a CSV: the empty caption
+    if not isinstance(caption, str):
+        raise DataError(f"{where}: {caption_column!r} is {_json_kind(caption)}, not a caption; write captions as strings")
+    for column, value in (("file_name", file_name), (caption_column, caption)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # only a JSON \ud800-style escape makes one
+            raise DataError(
+                f"{where}: {column!r} holds the lone surrogate {value[exc.start]!r} at character {exc.start}, "
+                "which is not text; fix the \\u escape"
+            ) from None
+    return file_name, caption.strip()
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    if value is None:
+        return "null"
+    if isinstance(value, str) and not value.strip():
+        return "empty"
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _named_file(folder: Path, name: str) -> Path | None:
+    """The file a metadata row names, resolved; None when there is none (a name with a
+    NUL byte, or too long for the file system, names none either)."""
+    try:
+        path = (folder / name).resolve()
+        return path if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _hf_dataset(location: str, split: str, image_column: str, caption_column: str) -> tuple[list[Sample], list[Problem]]:
     try:
         import datasets  # slow to import; only needed for this source
     except ImportError:
-        raise ValueError(
+        raise MissingExtraError(
             f"data source {location!r} is a Hugging Face dataset, which needs the datasets library: "
             "pip install 'sdtune[hf]' (bash launch.sh test installs it)"
         ) from None
 
     if Path(location).is_dir():
-        table = datasets.load_from_disk(location)
+        try:
+            table = datasets.load_from_disk(location)
+        except Exception as exc:  # datasets raises many kinds; all mean "not a readable save_to_disk folder"
+            raise DataError(
+                f"datasets could not read the saved dataset {location} ({type(exc).__name__}: {exc}); "
+                "give a folder written by save_to_disk"
+            ) from None
     else:
         try:
             table = datasets.load_dataset(location, split=split)
         except Exception as exc:  # datasets raises many kinds; all mean "not available here"
-            raise FileNotFoundError(
+            raise DataError(
                 f"datasets could not load {location!r} ({type(exc).__name__}: {exc}); download it once "
                 "with network access, or give the folder written by save_to_disk"
             ) from None
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
-            raise ValueError(f"dataset {location} has splits {list(table)}, not {split!r}; set split on the data source")
+            raise DataError(f"dataset {location} has splits {list(table)}, not {split!r}; set split on the data source")
         table = table[split]
     for column in (image_column, caption_column):
         if column not in table.column_names:
-            raise ValueError(
+            raise DataError(
                 f"dataset {location} has no column {column!r} (columns: {', '.join(table.column_names)}); "
                 "set image_column / caption_column on the data source"
             )

@@ -15,10 +15,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # The six CLIP text-encoder layer kinds both UIs can address (shared/DESIGN.md, rule 3).
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PREDICTION_ALIASES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+MAX_LEARNING_RATE = 10.0  # far above any real one (prodigy wants 1.0); larger ones only diverge
+MAX_RESOLUTION = 4096
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_TRAIN_SEED = 2**31 - 1  # accelerate seeds process N with train.seed + N, which must stay a numpy seed
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused in every float field: no setting means "infinitely" here.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _not_blank(value: str | None, field: str) -> str | None:
+    if value is not None and not value.strip():  # "" would scan the working directory
+        raise ValueError(f"{field} is empty; give a folder, a file or a dataset name")
+    return value
 
 
 class ModelSection(_Section):
@@ -78,6 +89,19 @@ class SourceSection(_Section):
         [".txt", ".caption"], min_length=1, description="Caption file suffixes of a folder, tried in this order."
     )
 
+    @field_validator("path")
+    @classmethod
+    def _path_given(cls, value: str) -> str:
+        return _not_blank(value, "the path")
+
+    @field_validator("caption_extensions")
+    @classmethod
+    def _suffixes(cls, value: list[str]) -> list[str]:
+        bad = [ext for ext in value if not ext.startswith(".") or len(ext) < 2 or any(c in ext for c in "/\\\0")]
+        if bad:
+            raise ValueError(f"caption_extensions must be file suffixes such as '.txt', got {bad}")
+        return value
+
 
 class DataSection(_Section):
     path: str | None = Field(
@@ -91,7 +115,7 @@ class DataSection(_Section):
     resolution: int = Field(
         512,
         description="Training resolution: buckets have an area of at most resolution^2. "
-        "A multiple of data.bucket_step.",
+        f"A multiple of data.bucket_step, from 64 to {MAX_RESOLUTION}.",
     )
     bucket_step: int = Field(
         64, ge=8, description="Bucket sides are multiples of this (a multiple of 8, the VAE's downsampling)."
@@ -133,7 +157,7 @@ class DataSection(_Section):
         0.0, ge=0.0, description="Images held out of training: a fraction (below 1) or a count."
     )
     split_seed: int = Field(
-        0, description="Seed of the validation split, apart from train.seed so that every run holds out the same images."
+        0, ge=0, le=MAX_SEED, description="Seed of the validation split, apart from train.seed so that every run holds out the same images."
     )
     cache_dir: str | None = Field(
         None,
@@ -145,9 +169,14 @@ class DataSection(_Section):
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
-        if value < 64 or value % 8:
-            raise ValueError(f"data.resolution must be a multiple of 8 and at least 64, got {value}")
+        if value < 64 or value % 8 or value > MAX_RESOLUTION:
+            raise ValueError(f"data.resolution must be a multiple of 8 from 64 to {MAX_RESOLUTION}, got {value}")
         return value
+
+    @field_validator("path")
+    @classmethod
+    def _path_given(cls, value: str | None) -> str | None:
+        return _not_blank(value, "data.path")
 
     @field_validator("validation_split")
     @classmethod
@@ -233,12 +262,17 @@ class TrainSection(_Section):
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate for the UNet parameters.")
+    learning_rate: float = Field(
+        1e-4, gt=0, le=MAX_LEARNING_RATE,
+        description=f"Peak learning rate for the UNet parameters (at most {MAX_LEARNING_RATE:g}; prodigy: about 1.0).",
+    )
     full_text_encoder: bool = Field(
         False, description="With train.method: full, also train every text-encoder weight (disables the text cache)."
     )
     text_encoder_learning_rate: float | None = Field(
-        None, gt=0, description="Learning rate of the text encoder (its LoRA or, in a full fine-tune, its weights); null: train.learning_rate."
+        None, gt=0, le=MAX_LEARNING_RATE,
+        description="Learning rate of the text encoder (its LoRA or, in a full fine-tune, its weights), "
+        f"at most {MAX_LEARNING_RATE:g}; null: train.learning_rate.",
     )
     text_encoder_steps: int | None = Field(
         None, ge=1, description="Stop training the text encoder after this many steps (what it learnt stays in the output); null: never."
@@ -262,7 +296,7 @@ class TrainSection(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Autocast precision; trainable weights stay fp32, frozen ones are stored in it."
     )
-    seed: int = Field(42, description="Seed for weights init, data order, noise and timesteps.")
+    seed: int = Field(42, ge=0, le=MAX_TRAIN_SEED, description="Seed for weights init, data order, noise and timesteps (0 to 2^31 - 1).")
     min_snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's choice. null: off."
     )
@@ -278,7 +312,7 @@ class TrainSection(_Section):
     )
     logit_mean: float = Field(0.0, description="Mean of the logit-normal timestep distribution (> 0: noisier steps).")
     logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal timestep distribution.")
-    min_timestep: int = Field(0, ge=0, description="Lowest training timestep (inclusive).")
+    min_timestep: int = Field(0, ge=0, le=999, description="Lowest training timestep (inclusive, at most 999).")
     max_timestep: int | None = Field(
         None, ge=1, le=1000, description="Highest training timestep (exclusive, at most SD's 1000); null: the schedule's length."
     )
@@ -313,10 +347,14 @@ class TrainSection(_Section):
             raise ValueError(
                 f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep})"
             )
-        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+        for name, rate in (("learning_rate", self.learning_rate), ("text_encoder_learning_rate", self.text_encoder_learning_rate)):
+            if self.optimizer == "prodigy" and rate is not None and rate < 0.1:
+                raise ValueError(
+                    f"train.optimizer: prodigy finds the step size itself and expects train.{name} around 1.0, got {rate}"
+                )
+        if self.lr_scheduler == "one_cycle" and self.max_steps < 4:
             raise ValueError(
-                "train.optimizer: prodigy finds the step size itself and expects train.learning_rate "
-                f"around 1.0, got {self.learning_rate}"
+                f"train.lr_scheduler: one_cycle needs train.max_steps of at least 4 (a rise and a fall), got {self.max_steps}"
             )
         return self
 
@@ -348,7 +386,7 @@ class ValidationSection(_Section):
     timesteps: list[int] = Field(
         [100, 300, 500, 700, 900], min_length=1, description="Fixed timesteps each held-out image is scored at (logged one by one too)."
     )
-    seed: int = Field(0, description="Seed of the fixed validation noise.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the fixed validation noise.")
 
     @field_validator("timesteps")
     @classmethod
@@ -367,8 +405,15 @@ class PreviewSection(_Section):
     steps: int = Field(20, ge=1, description="Sampling steps per preview image.")
     cfg: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
     cfg_rescale: float | None = Field(None, ge=0, le=1, description="CFG rescale (Lin et al. 2023); null: 0.7 with zero terminal SNR, else 0.")
-    seed: int = Field(0, description="Seed of every preview image, so grids compare across steps.")
-    size: int | None = Field(None, ge=64, description="Preview side in pixels (a multiple of 8); null: data.resolution.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every preview image, so grids compare across steps.")
+    size: int | None = Field(None, ge=64, le=MAX_RESOLUTION, description="Preview side in pixels (a multiple of 8); null: data.resolution.")
+
+    @field_validator("size")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"preview.size must be a multiple of 8 (the VAE's downsampling), got {value}")
+        return value
 
 
 class OutputSection(_Section):
@@ -414,6 +459,15 @@ class Recipe(_Section):
         if self.train.full_text_encoder and self.train.method != "full":
             raise ValueError("train.full_text_encoder trains all text-encoder weights, which needs train.method: full "
                              "(for a LoRA, use lora.text_encoder: true)")
+        if self.model.zero_terminal_snr and self.preview.prompts:
+            from sdtune.samplers import SAMPLERS  # diffusers' schedulers: imported only when previews are asked for
+
+            if not SAMPLERS[self.preview.sampler].zero_terminal_snr:
+                usable = [name for name, sampler in SAMPLERS.items() if sampler.zero_terminal_snr]
+                raise ValueError(
+                    f"preview.sampler {self.preview.sampler} has no zero-terminal-SNR schedule in diffusers "
+                    f"(model.zero_terminal_snr is on); use one of {', '.join(usable)}"
+                )
         return self
 
     @property
