@@ -110,7 +110,8 @@ lock() {  # lock [UV ARGS]: resolve pyproject.toml + requirements/pins.in into b
 }
 
 train() {  # train RECIPE [ARGS...]
-    "$VENV/bin/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no \
+    # -q: a failed run ends with sdtune's own message, not also a traceback of accelerate's launcher.
+    "$VENV/bin/accelerate" launch -q --num_processes 1 --num_machines 1 --mixed_precision no \
         --dynamo_backend no sdtune/train.py --recipe "$@"
 }
 
