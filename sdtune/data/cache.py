@@ -7,6 +7,13 @@ recipe over the same images, finds its entries and encodes nothing again; a
 changed image or VAE simply gets a new key. Latents keep the VAE's posterior
 mean and std so training can sample from it, as the VAE intends. A small
 manifest remembers each image's last key, only to count invalidations.
+
+Every entry carries the SHA-256 of its tensors in its metadata. Before training,
+an existing entry counts as a hit only if it opens, holds the expected tensors
+(names, shapes, float32), matches its checksum and is finite; a truncated or
+flipped one (a full disk, a killed copy, bad storage) is named and encoded again
+instead of crashing every run or training on wrong numbers. Training checks the
+checksum again each time it reads an entry.
 """
 
 from __future__ import annotations
@@ -15,36 +22,40 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+import sys
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load
 from tqdm.auto import tqdm
 
 from sdtune.atomic import save_safetensors, write_text
 from sdtune.data.captions import shuffle_tags, tokenize, with_prefix
 from sdtune.data.images import load_crop
 from sdtune.data.plan import DataPlan, Item
+from sdtune.errors import DataError
+from sdtune.hashes import tensors_sha256
 from sdtune.models import encode_prompts
 
-CACHE_VERSION = "2"  # bump when the entry layout or preprocessing changes
+CACHE_VERSION = "3"  # bump when the entry layout or preprocessing changes (3: checksums in the metadata)
+CHECKSUM_KEY = "sdtune_tensors_sha256"  # metadata key: hashes.tensors_sha256 of the entry's tensors
 
 
 @dataclass
 class CacheStats:
-    encoded: int = 0  # misses: entries this run computed
-    reused: int = 0  # hits
+    encoded: int = 0  # entries this run computed: misses and rebuilds
+    reused: int = 0  # hits: existing entries that passed the check
     invalidated: int = 0  # misses whose image had an entry under another key (its bytes, crop or VAE changed)
+    rebuilt: int = 0  # existing entries that failed the check (damaged or unchecked) and were encoded again
 
 
 def summed(stats: CacheStats, accelerator) -> CacheStats:
-    """The whole run's counts: every process counts all hits and invalidations, and only its own encodes."""
-    counts = accelerator.reduce(
-        torch.tensor([stats.encoded, stats.reused, stats.invalidated], device=accelerator.device), reduction="sum"
-    )
-    world = accelerator.num_processes
-    return CacheStats(encoded=int(counts[0]), reused=int(counts[1]) // world, invalidated=int(counts[2]) // world)
+    """The whole run's counts: each process counts only the entries it owns (see ``cache_latents``)."""
+    counts = accelerator.reduce(torch.tensor(astuple(stats), device=accelerator.device), reduction="sum")
+    return CacheStats(*(int(c) for c in counts))
 
 
 def report_caches(
@@ -54,9 +65,10 @@ def report_caches(
     latent = summed(latent, accelerator)
     text = summed(text, accelerator) if text else None
     if accelerator.is_local_main_process:
-        print(f"sdtune: latent cache {latent.encoded} encoded, {latent.reused} reused, {latent.invalidated} invalidated ({cache_dir})")
+        rebuilt = f", {latent.rebuilt} rebuilt" if latent.rebuilt else ""
+        print(f"sdtune: latent cache {latent.encoded} encoded, {latent.reused} reused, {latent.invalidated} invalidated{rebuilt} ({cache_dir})")
         if text:
-            print(f"sdtune: text cache {text.encoded} encoded, {text.reused} reused")
+            print(f"sdtune: text cache {text.encoded} encoded, {text.reused} reused" + (f", {text.rebuilt} rebuilt" if text.rebuilt else ""))
     return latent, text
 
 
@@ -75,9 +87,10 @@ class Caches:
 
 def fill_caches(plan: DataPlan, parts, cache_dir: Path, accelerator, cache_text_outputs: bool) -> Caches:
     """What a run does before step 1 (and ``sdtune cache`` does alone): each process
-    encodes its share of the missing latents of the trained and held-out views and,
+    checks its share of the latent entries of the trained and held-out views and,
     when the text encoder is frozen, of the captions' outputs (the empty caption's
-    too); then every process waits for the others and the counts are printed once."""
+    too), and encodes those missing or unusable; then every process waits for the
+    others and the counts are printed once."""
     items = plan.train + plan.validation
     shard, show = (accelerator.process_index, accelerator.num_processes), accelerator.is_local_main_process
     latents, latent_stats = cache_latents(items, parts.vae, parts.vae_sha256, cache_dir, accelerator.device, shard=shard, show_progress=show)
@@ -107,6 +120,67 @@ def entry_path(cache_dir: Path, kind: str, key: str) -> Path:
     return Path(cache_dir) / kind / key[:2] / f"{key}.safetensors"
 
 
+def _write_entry(tensors: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Save an entry with the checksum of its tensors. Non-finite values are refused:
+    they would fail the check and be encoded again on every run."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise DataError(f"{what} came out non-finite, so it was not cached; the model's weights may be damaged (model.path)")
+    save_safetensors(tensors, path, metadata={CHECKSUM_KEY: tensors_sha256(tensors)})
+
+
+def _open_entry(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """An entry's tensors and what is wrong with them: unreadable, no checksum, or not
+    the tensors the checksum was taken of (None when they match). Reads the file once."""
+    try:
+        data = Path(path).read_bytes()
+        tensors = load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except (OSError, ValueError, SafetensorError) as exc:
+        return {}, f"unreadable: {exc}"
+    checksum = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+    if checksum is None:
+        return tensors, "no checksum (an older sdtune wrote it, or something else)"
+    if tensors_sha256(tensors) != checksum:
+        return tensors, "checksum mismatch: its bytes changed after it was written"
+    return tensors, None
+
+
+def _entry_problem(path: Path, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What is wrong with an existing entry, or None when it is sound: it opens, its
+    checksum matches, it holds exactly the float32 tensors ``shapes`` names, all finite."""
+    tensors, problem = _open_entry(path)
+    if problem:
+        return problem
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != shapes:
+        return f"tensors {found}, expected {shapes}"
+    if any(t.dtype != torch.float32 for t in tensors.values()):
+        return f"dtypes {sorted({str(t.dtype) for t in tensors.values()})}, expected float32"
+    if not all(np.isfinite(t.numpy()).all() for t in tensors.values()):  # numpy: a third of torch's cost on small tensors
+        return "non-finite values"
+    return None
+
+
+def read_entry(path: Path) -> dict[str, torch.Tensor]:
+    """An entry's tensors, checked against their checksum; what training reads every step."""
+    tensors, problem = _open_entry(path)
+    if problem:
+        raise DataError(f"cache entry {path} is damaged ({problem}); run again: the next run checks the cache and rebuilds it")
+    return tensors
+
+
+def _sound(path: Path, shapes: dict[str, tuple[int, ...]], stats: CacheStats) -> bool:
+    """Whether an existing entry passes the check (a hit); a failing one is named and counted for rebuilding."""
+    problem = _entry_problem(path, shapes)
+    if problem is None:
+        stats.reused += 1
+        return True
+    print(f"sdtune: cache entry {path} is unusable ({problem}); it will be rebuilt", file=sys.stderr)
+    stats.rebuilt += 1
+    return False
+
+
 def _key(*parts: str | bytes) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -132,17 +206,21 @@ def cache_latents(
     shard: tuple[int, int] = (0, 1),
     show_progress: bool = True,
 ) -> tuple[list[Path], CacheStats]:
-    """Make sure every item has a latent entry; return their paths (in ``items`` order).
+    """Make sure every item has a sound latent entry; return their paths (in ``items`` order).
 
-    Repeats share one entry. With ``shard=(rank, world)`` this process encodes only
-    its share of the missing entries; the caller waits for all processes before
-    reading. ``encoded`` counts this process's work; ``reused`` and ``invalidated``
-    count the whole dataset, the same in every process.
+    Repeats share one entry. With ``shard=(rank, world)`` each distinct entry belongs
+    to one process (every ``world``-th, from ``rank``): only that process checks it
+    and, when it is missing or fails the check, encodes it. So no process reads a
+    file another is rewriting and none waits for another here; the caller waits for
+    all of them before training reads. The counts are this process's share
+    (``summed`` adds them up).
     """
+    rank, world = shard
     stats = CacheStats()
     manifest_path = Path(cache_dir) / "manifests" / f"latents-{vae_id[:16]}.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    paths, missing, seen, current = [], [], set(), {}
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling, as diffusers' pipelines compute it
+    paths, todo, seen, current = [], [], set(), {}
     for item in items:
         key = latent_key(item, vae_id)
         path = entry_path(cache_dir, "latents", key)
@@ -152,24 +230,28 @@ def cache_latents(
         seen.add(key)
         view = f"{item.sample.name}|flip={int(item.crop.flip)}"
         current[view] = key
-        if path.is_file():
-            stats.reused += 1
+        if (len(seen) - 1) % world != rank:
             continue
-        missing.append((item, path))
-        if manifest.get(view, key) != key:
+        width, height = item.crop.bucket
+        shape = (vae.config.latent_channels, height // scale, width // scale)
+        if path.is_file():
+            if _sound(path, {"mean": shape, "std": shape}, stats):
+                continue
+        elif manifest.get(view, key) != key:
             stats.invalidated += 1
-    rank, world = shard
-    todo = missing[rank::world]
+        todo.append((item, path))
     # One batch holds one bucket: the pixel tensors must share a size.
     todo.sort(key=lambda job: job[0].crop.bucket)
-    vae = vae.to(device)
+    if todo:  # an all-hit run leaves the VAE where it is
+        vae = vae.to(device)
     bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress or not todo)
     with torch.no_grad():
         for chunk in _same_bucket_chunks(todo, batch_size):
             pixels = torch.stack([load_crop(item.sample.read(), item.crop) for item, _ in chunk])
             posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-            for i, (_, path) in enumerate(chunk):
-                save_safetensors({"mean": posterior.mean[i].float(), "std": posterior.std[i].float()}, path)
+            for i, (item, path) in enumerate(chunk):
+                latent = {"mean": posterior.mean[i].float(), "std": posterior.std[i].float()}
+                _write_entry(latent, path, f"the VAE's latent of {item.sample.name}")
             stats.encoded += len(chunk)
             bar.update(len(chunk))
     bar.close()
@@ -200,31 +282,33 @@ def cache_text(
     shard: tuple[int, int] = (0, 1),
     show_progress: bool = True,
 ) -> tuple[list[Path], CacheStats]:
-    """Make sure every caption has a cached text-encoder output; return their paths."""
+    """Make sure every caption has a sound cached text-encoder output; return their
+    paths. Sharded and counted like ``cache_latents``."""
+    rank, world = shard
     stats = CacheStats()
     unique = list(dict.fromkeys(captions))  # the same caption twice (repeats) is tokenized and encoded once
-    paths_of, missing, seen = {}, [], set()
+    paths_of, todo, seen = {}, [], set()
     for caption, row in zip(unique, tokenize(tokenizer, unique)):
         path = entry_path(cache_dir, "text", _key("text", CACHE_VERSION, text_encoder_id, row.numpy().tobytes()))
         paths_of[caption] = path
         if path in seen:
             continue  # different captions can share token ids (the part past 77 tokens is cut)
         seen.add(path)
-        if path.is_file():
-            stats.reused += 1
-        else:
-            missing.append((row, path))
+        if (len(seen) - 1) % world != rank:
+            continue
+        if path.is_file() and _sound(path, {"hidden_states": (len(row), text_encoder.config.hidden_size)}, stats):
+            continue
+        todo.append((caption, row, path))
     paths = [paths_of[caption] for caption in captions]
-    rank, world = shard
-    todo = missing[rank::world]
-    text_encoder = text_encoder.to(device)
+    if todo:
+        text_encoder = text_encoder.to(device)
     bar = tqdm(total=len(todo), desc="caching text", unit="caption", disable=not show_progress or not todo)
     with torch.no_grad():
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            hidden = encode_prompts(text_encoder, torch.stack([row for row, _ in chunk]).to(device))
-            for i, (_, path) in enumerate(chunk):
-                save_safetensors({"hidden_states": hidden[i].float()}, path)
+            hidden = encode_prompts(text_encoder, torch.stack([row for _, row, _ in chunk]).to(device))
+            for i, (caption, _, path) in enumerate(chunk):
+                _write_entry({"hidden_states": hidden[i].float()}, path, f"the text encoder's output for the caption {caption!r}")
             stats.encoded += len(chunk)
             bar.update(len(chunk))
     bar.close()
@@ -232,9 +316,10 @@ def cache_text(
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Training samples read from the caches: latent mean/std, and either the
-    cached text-encoder output or token ids (when the text encoder runs in the loop:
-    it trains, or tags are shuffled anew each epoch).
+    """Training samples read from the caches, each entry checked against its checksum
+    as it is read (``read_entry``): latent mean/std, and either the cached
+    text-encoder output or token ids (when the text encoder runs in the loop: it
+    trains, or tags are shuffled anew each epoch).
 
     Indexed by ``(item, epoch)`` pairs from :class:`BucketBatchSampler`; the tag
     order of an item in an epoch depends only on ``seed``, item and epoch, so it is
@@ -269,9 +354,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, draw: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         index, epoch = draw if isinstance(draw, tuple) else (draw, 0)
-        item = load_file(self.latent_paths[index])
+        item = read_entry(self.latent_paths[index])
         if self.text_paths is not None:
-            item["encoder_hidden_states"] = load_file(self.text_paths[index])["hidden_states"]
+            item["encoder_hidden_states"] = read_entry(self.text_paths[index])["hidden_states"]
         else:
             item["input_ids"] = tokenize(self.tokenizer, [self.caption(index, epoch)])[0]
         return item
