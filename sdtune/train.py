@@ -32,14 +32,13 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import logging as diffusers_logging
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from sdtune import atomic, training_state
 from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.data.buckets import BucketBatchSampler
-from sdtune.data.cache import CachedDataset, CacheStats, default_cache_dir, fill_caches
+from sdtune.data.cache import CachedDataset, CacheStats, default_cache_dir, fill_caches, read_entry
 from sdtune.data.captions import drop_captions, tokenize
 from sdtune.data.plan import DataPlan, plan_data, skipped_report, warnings_for
 from sdtune.diffusion import Objective, denoising_loss, perturb_noise, sample_latents, sample_noise, sample_timesteps
@@ -346,7 +345,7 @@ def _datasets(plan: DataPlan, caches, tokenizer, shuffle_tags: bool, keep_tokens
         return (
             CachedDataset(caches.latents, text_paths=caches.text),
             CachedDataset(caches.validation_latents, text_paths=caches.validation_text),
-            load_file(caches.empty_text)["hidden_states"],
+            read_entry(caches.empty_text)["hidden_states"],
         )
     train_set = CachedDataset(
         caches.latents, captions=[i.sample.caption for i in plan.train], tokenizer=tokenizer,
