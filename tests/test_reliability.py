@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sdtune import atomic, training_state
 from sdtune.errors import EXIT_DIVERGED, EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, ModelFileError, UserError, run_command
