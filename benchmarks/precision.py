@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout,
 
 import torch
 
-from sdtune.models import cpu_has_native_bf16
+from sdtune.compute import cpu_has_native_bf16
 
 SHAPES = [(32, 64), (64, 32), (32, 96)]  # (channels, side): 512 px and 768 px latents at the tiny model's widths
 MODES = ("fp32", "bf16_autocast", "bf16_autocast_channels_last")

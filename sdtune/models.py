@@ -136,15 +136,6 @@ def encode_prompts(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torc
     return text_encoder(input_ids, return_dict=False)[0]
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX). Without it,
-    PyTorch's bf16 convolutions take a reference path (``benchmarks/precision.py``)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def set_attention(unet: UNet2DConditionModel, kind: str, device: torch.device) -> None:
     """Use PyTorch SDPA, or xformers when asked for (CUDA only, optional extra)."""
     if kind == "sdpa":

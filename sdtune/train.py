@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -42,11 +43,12 @@ from sdtune.data.cache import CachedDataset, CacheStats, default_cache_dir, fill
 from sdtune.data.captions import drop_captions, tokenize
 from sdtune.data.plan import DataPlan, plan_data, skipped_report, warnings_for
 from sdtune.diffusion import Objective, denoising_loss, perturb_noise, sample_latents, sample_noise, sample_timesteps
+from sdtune.compute import cpu_has_native_bf16, set_threads
 from sdtune.errors import run_command, take_debug_flag
 from sdtune.evaluation import preview_grid, save_preview, validation_loss
 from sdtune.export.kohya import check_sd2_text_encoder_targets
 from sdtune.export.results import ResultSpec, result_paths, write_result
-from sdtune.models import DTYPES, cpu_has_native_bf16, encode_prompts, load_components, set_attention
+from sdtune.models import DTYPES, encode_prompts, load_components, set_attention
 from sdtune.optim import make_lr_scheduler, make_optimizer
 from sdtune.outputs import RunFolder
 from sdtune.recipe import Recipe, load_recipe
@@ -234,6 +236,9 @@ def _accelerator(mixed_precision: str, accumulation: int, logger: str, out_dir: 
     if mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16() and accelerator.is_local_main_process:
         print(f"sdtune: warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), where bf16 "
               "convolutions run far slower than fp32 (benchmarks/precision.py); set train.mixed_precision: no", file=sys.stderr)
+    threads, why = set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))  # torchrun's per-machine count
+    if accelerator.is_local_main_process:
+        print(f"sdtune: {threads} CPU thread(s) per process ({why}); {accelerator.num_processes} process(es) on {accelerator.device.type}")
     set_seed(seed, device_specific=True, deterministic=deterministic)
     return accelerator
 

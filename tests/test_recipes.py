@@ -165,17 +165,15 @@ def test_shipped_recipe_runs_with_only_model_and_data_paths_set(name, request, t
 
 
 @pytest.mark.parametrize("name", sorted(USER_RECIPES))
-def test_shipped_recipe_without_the_users_files_says_what_to_set(name, tmp_path):
-    import subprocess
-    import sys
+def test_shipped_recipe_without_the_users_files_says_what_to_set(name, tmp_path, capsys, monkeypatch):
+    from sdtune.cli import main as cli_main
 
-    run = subprocess.run(
-        [sys.executable, "-m", "sdtune.cli", "train", "--recipe", str(ROOT / "recipes" / name),
-         "--set", f"output.dir={tmp_path / 'out'}", "--set", f"data.cache_dir={tmp_path / 'cache'}"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert "model.path" in run.stderr or "data.path" in run.stderr, run.stderr
+    monkeypatch.chdir(tmp_path)  # where neither models/ nor my_images/ exist
+    code = cli_main(["train", "--recipe", str(ROOT / "recipes" / name),
+                     "--set", f"output.dir={tmp_path / 'out'}", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "data.path my_images does not exist" in err, err
 
 
 def test_yaml_mistakes_name_the_file_line_and_column(tmp_path, capsys):

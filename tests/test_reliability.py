@@ -202,13 +202,15 @@ def _one_paragraph(stderr: str) -> str:
     ("train.learning_rate=1e4", "learning_rate"),
     ("data.path={missing}", "data.path"),
 ])
-def test_user_mistakes_are_one_paragraph_with_status_2(tiny_v, small_dataset, tmp_path, setting, expected):
+def test_user_mistakes_are_one_paragraph_with_status_2(tiny_v, small_dataset, tmp_path, setting, expected, capsys):
+    """In-process (`sdtune.cli.main` is the command); a real process is checked below."""
+    from sdtune.cli import main as cli_main
+
     garbage = tmp_path / "model.safetensors"
     garbage.write_bytes(b"this is not a safetensors file at all" * 10)
     setting = setting.format(garbage=garbage, missing=tmp_path / "nowhere")
-    run = _sdtune("train", *_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", setting))
-    assert run.returncode == EXIT_USER_ERROR
-    assert expected in _one_paragraph(run.stderr)
+    assert cli_main(["train", *_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", setting)]) == EXIT_USER_ERROR
+    assert expected in _one_paragraph(capsys.readouterr().err)
 
 
 def test_yaml_syntax_error_says_where(tmp_path):
@@ -233,17 +235,47 @@ def test_non_finite_training_and_out_of_memory_have_their_own_statuses(tiny_v, s
     assert "out of memory" in err and "train.batch_size" in err and "train.gradient_checkpointing" in err
 
 
-def test_errors_under_accelerate_launch(tiny_v, small_dataset, tmp_path):
-    """accelerate reports a failed process with its own traceback unless run with -q;
-    with -q the user sees sdtune's paragraph alone; without, sdtune says why a traceback follows."""
+def test_errors_and_threads_under_accelerate_launch(tiny_v, small_dataset, tmp_path):
+    """With -q, a failed run under accelerate shows sdtune's paragraph alone. The process
+    uses every core although accelerate set OMP_NUM_THREADS=1 for it (the user did not)."""
     accelerate = Path(sys.executable).parent / "accelerate"
-    base = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no"]
-    args = _args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", f"model.path={tmp_path / 'absent'}")
-    quiet = subprocess.run([*base, "-q", "sdtune/train.py", *args], capture_output=True, text=True, cwd=ROOT)
-    assert quiet.returncode != 0 and "model.path" in _one_paragraph(quiet.stderr)
-    loud = subprocess.run([*base, "sdtune/train.py", *args], capture_output=True, text=True, cwd=ROOT)
-    assert "accelerate launch -q" in loud.stderr and "model.path" in loud.stderr
+    command = [str(accelerate), "launch", "-q", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "sdtune/train.py",
+               *_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", f"model.path={tmp_path / 'absent'}")]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert run.returncode != 0 and "model.path" in _one_paragraph(run.stderr)
+    cores = len(os.sched_getaffinity(0))
+    assert f"sdtune: {cores} CPU thread(s) per process ({cores} cores / 1 process)" in run.stdout, run.stdout
+
+
+def test_without_q_sdtune_says_why_accelerates_traceback_follows(monkeypatch):
+    from sdtune import errors
+
+    for argv, hint in ((["accelerate", "launch", "sdtune/train.py"], True), (["accelerate", "launch", "-q", "x"], False),
+                       (["bash", "launch.sh"], False)):
+        parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", *argv])
+        try:
+            monkeypatch.setattr(errors.os, "getppid", lambda: parent.pid)
+            time.sleep(0.05)
+            assert (errors._launcher_hint() is not None) == hint, argv
+        finally:
+            parent.kill()
+            parent.wait()
+
+
+def test_threads_follow_the_users_setting_not_the_launchers(monkeypatch):
+    from sdtune import compute
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv(compute.ACCELERATE_CHILD, raising=False)
+    assert compute.user_threads() == 1  # no launcher: the user's
+    monkeypatch.setenv(compute.ACCELERATE_CHILD, "no")
+    monkeypatch.setattr(compute, "_parent_environment", lambda: {"PATH": "/bin"})
+    assert compute.user_threads() is None  # set by accelerate's launcher only
+    monkeypatch.setattr(compute, "_parent_environment", lambda: {"OMP_NUM_THREADS": "1"})
+    assert compute.user_threads() == 1
+    assert compute.set_threads(2) == (1, "OMP_NUM_THREADS") and torch.get_num_threads() == 1
 
 
 def test_a_lora_that_changes_nothing_is_named_at_the_end_of_the_run(tiny_v, small_dataset, tmp_path, capsys):
