@@ -52,10 +52,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Remove, under ``folder``, the temp files and folders of writes whose process is
-    gone (killed mid-write); returns what was removed. A temp of a live process, or of
-    another machine younger than a day, is left alone."""
+def remove_stale_temps(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Remove, in ``folder`` (and below it, with ``recursive``), the temp files and folders
+    of writes whose process is gone (killed mid-write); returns what was removed. A temp
+    of a live process, or of another machine younger than a day, is left alone."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
@@ -74,7 +74,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
             if stale:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
                 removed.append(path)
-        dirs[:] = [d for d in dirs if not TMP_NAME.match(d)]
+        dirs[:] = [d for d in dirs if not TMP_NAME.match(d)] if recursive else []
     return removed
 
 

@@ -217,6 +217,7 @@ def written_by_sdtune(path: str | Path) -> bool:
 def check_replaceable(path: str | Path, overwrite: bool) -> None:
     """An export may replace an existing output only when asked to, and only one sdtune wrote."""
     path = Path(path)
+    atomic.remove_stale_temps(path.parent, recursive=False)  # what a killed export left beside it
     if not path.exists():
         return
     if not overwrite:

@@ -194,3 +194,22 @@ def test_an_entry_damaged_after_the_check_is_refused_when_read(tiny_v, small_dat
     _, text_stats = cache_text(captions, parts.tokenizer, parts.text_encoder, "te", cache, CPU, show_progress=False)
     assert (latent_stats.rebuilt, text_stats.rebuilt) == (1, 1)
     assert dataset[1]["mean"].shape == dataset[1]["std"].shape and dataset[2]["encoder_hidden_states"].shape[0] == 77
+
+
+def test_a_killed_runs_half_written_cache_entry_is_removed_at_the_next_start(tiny_v, small_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    from sdtune import atomic
+    from sdtune.train import main
+
+    from test_train import _args
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    bucket = tmp_path / "cache" / "latents" / "ab"
+    bucket.mkdir(parents=True)
+    stale = bucket / f".ab12.safetensors.{atomic.HOST}.{dead.pid}.tmp"
+    stale.write_bytes(b"half an entry")
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1"))
+    assert not stale.exists()

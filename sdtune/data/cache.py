@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 from tqdm.auto import tqdm
 
-from sdtune.atomic import save_safetensors, write_text
+from sdtune.atomic import remove_stale_temps, save_safetensors, write_text
 from sdtune.data.captions import shuffle_tags, tokenize, with_prefix
 from sdtune.data.images import load_crop
 from sdtune.data.plan import DataPlan, Item
@@ -93,6 +93,9 @@ def fill_caches(plan: DataPlan, parts, cache_dir: Path, accelerator, cache_text_
     others and the counts are printed once."""
     items = plan.train + plan.validation
     shard, show = (accelerator.process_index, accelerator.num_processes), accelerator.is_local_main_process
+    if accelerator.is_local_main_process:
+        remove_stale_temps(cache_dir)  # entries a killed run was writing
+    accelerator.wait_for_everyone()
     latents, latent_stats = cache_latents(items, parts.vae, parts.vae_sha256, cache_dir, accelerator.device, shard=shard, show_progress=show)
     text, text_stats = None, None
     if cache_text_outputs:
