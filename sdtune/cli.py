@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_command(lambda: sample_main(argv[1:]))
     args = parser.parse_args(argv)
+    if args.command in ("make-tiny", "export"):
+        _quiet_saving()
     if args.command == "make-tiny":
         from sdtune.tiny import make_tiny
 
@@ -125,6 +127,15 @@ def _export(args: argparse.Namespace) -> None:
     for path in written:
         print(f"sdtune: wrote {path}")
 
+
+
+def _quiet_saving() -> None:
+    """diffusers' and transformers' per-file "Writing model shards" bars say nothing here."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _recipe_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
