@@ -102,6 +102,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     caches = fill_caches(plan, parts, Path(data.cache_dir) if data.cache_dir else default_cache_dir(), accelerator, recipe.caches_text)
     text_in_loop = caches.text is None  # the text encoder trains, or shuffled tags make new captions each epoch
     dataset, val_dataset, empty_conditioning = _datasets(plan, caches, parts.tokenizer, data.shuffle_tags, data.keep_tokens, opt.seed)
+    empty_conditioning = empty_conditioning.to(device)  # caption dropout mixes it into batches on the device
     _place_encoders(parts, device, weight_dtype, frozen_in_loop=text_in_loop and not train_te, trains=train_te)
     unet, text_encoder = parts.unet, parts.text_encoder
     groups = _make_trainable(unet, text_encoder if train_te else None, opt.method, lora, opt.attention, opt.gradient_checkpointing,
@@ -141,7 +142,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # cost time; the host syncs only at log intervals (and every step with
     # train.on_nan: skip, which must look at each loss).
     losses, history = [], {key: history.get(key, []) for key in ("loss", "lr", "validation", "previews")}  # report.html's
-    validation = [(step, {int(t): v for t, v in per_t.items()}) for step, per_t in history["validation"]]
+    history["validation"] = validation = [(s, {int(t): v for t, v in per_t.items()}) for s, per_t in history["validation"]]  # JSON keys back to ints
     step, skipped, started, stopped_by, saved = position.step, 0, time.perf_counter(), None, None
     bar = tqdm(total=opt.max_steps, initial=step, desc="training", unit="step", disable=not is_main)
     batches = _batches(loader, order, position, device)
@@ -184,7 +185,6 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 per_t = validation_loss(unet, encoder if text_in_loop else None, scheduler, scaling, val_dataset,
                                         recipe.validation.timesteps, recipe.validation.seed, device)
                 validation.append((step, per_t))
-                history["validation"].append((step, per_t))
                 accelerator.log({"val/loss": sum(per_t.values()) / len(per_t)} | {f"val/loss_t{t}": v for t, v in per_t.items()}, step=step)
             if preview.prompts and accelerator.is_main_process and (step % preview.every_steps == 0 or step == opt.max_steps):
                 image = preview_grid(parts, models["unet"], models.get("text_encoder", text_encoder), make_sampler(preview.sampler, preview_schedule),
@@ -212,7 +212,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         if opt.method == "lora":
             _warn_unchanged_layers(written[0])
         _finish(written, folder, recipe.to_yaml(), parts, model.prediction_type, model.zero_terminal_snr,
-                plan.images, step, step - position.step, time.perf_counter() - started, skipped, history, validation)
+                plan.images, step, step - position.step, time.perf_counter() - started, skipped, history)
     elif accelerator.is_main_process:
         folder.set_status("stopped", step)
         _print_resume(stopped_by, step, saved)
@@ -287,13 +287,13 @@ def _log(recent_losses: list[torch.Tensor], lr: float, step: int, bar, accelerat
 
 
 def _finish(written, folder: RunFolder, recipe_yaml: str, parts, prediction_type: str, zero_terminal_snr: bool,
-            images: int, step: int, steps: int, elapsed: float, skipped: int, history: dict, validation) -> None:
+            images: int, step: int, steps: int, elapsed: float, skipped: int, history: dict) -> None:
     """The resolved recipe and report.html beside the results, the run recorded as finished, and where everything is."""
     folder.add(*written, atomic.write_text(folder.recipe, recipe_yaml))
     summary = {"base model": f"{parts.name} ({parts.base_model_version}, {prediction_type}"
                f"{', zero terminal SNR' if zero_terminal_snr else ''})", "steps": str(step),
                "images": str(images), "outputs": ", ".join(str(p) for p in written)}
-    previews = [(s, Path(p)) for s, p in history["previews"] if Path(p).is_file()]
+    previews, validation = [(s, Path(p)) for s, p in history["previews"] if Path(p).is_file()], history["validation"]
     folder.add(atomic.write_text(folder.report, render_report(folder.name, summary, history, validation, previews, recipe_yaml)))
     folder.set_status("finished", step)
     if skipped:
