@@ -6,7 +6,14 @@
 #   bash launch.sh test [PYTEST ARGS]        set up with the test extras, run the test suite
 #   bash launch.sh test --latest [ARGS]      the drift check: the suite in a fresh venv of the newest
 #                                            releases, and which versions differ from the lock
-#   bash launch.sh train RECIPE [--set K=V]  set up, train any recipe through accelerate
+#   bash launch.sh train RECIPE [--processes N] [ACCELERATE FLAGS] [--set K=V] [--resume X] [--debug]
+#                                            set up, train any recipe through accelerate launch: N
+#                                            processes (default 1), one per GPU, or N CPU processes
+#                                            where there is no GPU (no nvidia-smi, or SDTUNE_FORCE_CPU=1).
+#                                            Other --flags (--config_file F, --mixed_precision M,
+#                                            --main_process_port P, --machine_rank R: FLAG VALUE or
+#                                            FLAG=VALUE) go to accelerate launch; docs/distributed.md.
+#                                            SDTUNE_LAUNCH_DRY_RUN=1 prints the command and runs nothing.
 #   bash launch.sh lock [--upgrade]          regenerate requirements/*.lock (uv pip compile)
 #
 # Installs come from requirements/run.lock (demo, train) and requirements/test.lock
@@ -109,10 +116,61 @@ lock() {  # lock [UV ARGS]: resolve pyproject.toml + requirements/pins.in into b
     echo "launch.sh: wrote requirements/test.lock and requirements/run.lock; run \`bash launch.sh test\` before committing them"
 }
 
-train() {  # train RECIPE [ARGS...]
-    # -q: a failed run ends with sdtune's own message, not also a traceback of accelerate's launcher.
-    "$VENV/bin/accelerate" launch -q --num_processes 1 --num_machines 1 --mixed_precision no \
-        --dynamo_backend no sdtune/train.py --recipe "$@"
+train() {  # train RECIPE [--processes N] [ACCELERATE FLAGS] [--set K=V] [--resume X] [--debug]
+    local recipe=$1 processes="" arg
+    local -a launcher=() sdtune=() env=()
+    local -A given=()  # the accelerate flags given, by name (config_file), - read as _
+    shift
+    while [ $# -gt 0 ]; do
+        arg=$1
+        shift
+        case $arg in
+            --processes | --num_processes | --num-processes) processes=${1:-}; [ $# -eq 0 ] || shift ;;
+            --processes=* | --num_processes=* | --num-processes=*) processes=${arg#*=} ;;
+            --set | --resume) sdtune+=("$arg" "${1:-}"); [ $# -eq 0 ] || shift ;;
+            --set=* | --resume=* | --debug) sdtune+=("$arg") ;;
+            --*)  # for accelerate launch: FLAG=VALUE, FLAG VALUE, or FLAG alone when a flag follows
+                launcher+=("$arg")
+                if [[ $arg != *=* ]] && [ $# -gt 0 ] && [[ $1 != --* ]]; then
+                    launcher+=("$1")
+                    shift
+                fi
+                arg=${arg%%=*}
+                arg=${arg#--}
+                given[${arg//-/_}]=1
+                ;;
+            *) echo "launch.sh: '$arg' is not a flag; usage: bash launch.sh train RECIPE [--processes N] [ACCELERATE FLAGS] [--set key=value ...]" >&2; exit 2 ;;
+        esac
+    done
+    [[ ${processes:-1} =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --processes wants a whole number >= 1, got '$processes'" >&2; exit 2; }
+    local cmd=("$VENV/bin/accelerate" launch -q)  # -q: a failed run ends with sdtune's message, not a launcher traceback
+    if [ -n "${given[config_file]-}" ]; then
+        # The config file says the rest; a value on the command line would override it.
+        [ -z "$processes" ] || cmd+=(--num_processes "$processes")
+    else
+        [ "${processes:-1}" -eq 1 ] || cmd+=(--multi_gpu)
+        cmd+=(--num_processes "${processes:-1}")
+        # Given, so that accelerate lists no defaults it chose; the recipe sets sdtune's precision.
+        [ -n "${given[num_machines]-}" ] || cmd+=(--num_machines 1)
+        [ -n "${given[mixed_precision]-}" ] || cmd+=(--mixed_precision no)
+        [ -n "${given[dynamo_backend]-}" ] || cmd+=(--dynamo_backend no)
+    fi
+    # Several processes and no GPU: only --multi_gpu with ACCELERATE_USE_CPU=1 gives accelerate's
+    # MULTI_CPU (gloo); --cpu --num_processes N runs one process, --multi_gpu alone N unconnected
+    # runs. A config file may ask for several processes, so it gets the variable too.
+    if { [ "${processes:-1}" -gt 1 ] || [ -n "${given[config_file]-}" ]; } && ! has_gpu; then
+        env=(ACCELERATE_USE_CPU=1)
+    fi
+    cmd+=(${launcher[@]+"${launcher[@]}"} sdtune/train.py --recipe "$recipe" ${sdtune[@]+"${sdtune[@]}"})
+    echo "sdtune: launching:$(printf ' %q' ${env[@]+"${env[@]}"} "${cmd[@]}")" >&2
+    if [ "${SDTUNE_LAUNCH_DRY_RUN:-0}" = 1 ]; then
+        return 0
+    fi
+    env ${env[@]+"${env[@]}"} "${cmd[@]}"
+}
+
+has_gpu() {  # an NVIDIA GPU, unless SDTUNE_FORCE_CPU=1
+    [ "${SDTUNE_FORCE_CPU:-0}" != 1 ] && command -v nvidia-smi >/dev/null 2>&1
 }
 
 case "${1:-demo}" in
@@ -135,8 +193,8 @@ case "${1:-demo}" in
         ;;
     train)
         shift
-        [ $# -ge 1 ] || { echo "usage: bash launch.sh train RECIPE [--set key=value ...]" >&2; exit 2; }
-        setup run
+        [ $# -ge 1 ] && [[ $1 != -* ]] || { echo "usage: bash launch.sh train RECIPE [--processes N] [ACCELERATE FLAGS] [--set key=value ...]" >&2; exit 2; }
+        [ "${SDTUNE_LAUNCH_DRY_RUN:-0}" = 1 ] || setup run  # a dry run only prints the command
         train "$@"
         ;;
     demo | --set)
@@ -148,7 +206,7 @@ case "${1:-demo}" in
         train recipes/tiny_demo.yaml "$@"
         ;;
     *)
-        echo "usage: bash launch.sh [demo|test [--latest]|train RECIPE|lock] [--set key=value ...]" >&2
+        echo "usage: bash launch.sh [demo|test [--latest]|train RECIPE [--processes N]|lock] [--set key=value ...]" >&2
         exit 2
         ;;
 esac
