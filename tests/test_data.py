@@ -162,13 +162,18 @@ def test_every_image_lands_in_exactly_one_bucket_and_batches_never_mix(tmp_path)
     assert list(BucketBatchSampler(buckets, 4, seed=8)) != epoch0
     sampler.start(1, skip=2)  # a resumed run picks the epoch up after its first two batches
     assert list(sampler) == epoch1[2:]
-    # Each of two processes gets whole batches, as many as the other, none shared.
-    shards = [list(BucketBatchSampler(buckets, 4, seed=7, rank=rank, world=2)) for rank in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == len(epoch0) // 2
-    for shard in shards:
-        assert all(len({buckets[i] for i, _ in batch}) == 1 for batch in shard)
-    seen = [i for shard in shards for batch in shard for i, _ in batch]
-    assert len(seen) == len(set(seen)) and set(seen) <= set(range(60))
+    # Several processes get whole batches, as many as each other, and between them the
+    # whole epoch in its order: batch k of rank r is the epoch's batch k * world + r.
+    # When the batches do not divide, the short processes repeat the epoch's first ones.
+    for world in (2, 3, 5):
+        samplers = [BucketBatchSampler(buckets, 4, seed=7, rank=rank, world=world) for rank in range(world)]
+        shards = [list(s) for s in samplers]
+        assert len({len(shard) for shard in shards}) == 1 and len(shards[0]) == len(samplers[0]) == -(-len(epoch0) // world)
+        by_place = {s.global_index(k): batch for s, shard in zip(samplers, shards) for k, batch in enumerate(shard)}
+        assert [by_place[i] for i in range(len(epoch0))] == epoch0  # every batch, in order, none dropped
+        extra = sorted(by_place)[len(epoch0):]
+        assert [by_place[i] for i in extra] == epoch0[: len(extra)] and len(extra) == (-len(epoch0)) % world
+    assert len(epoch0) % 3 and len(epoch0) % 5  # (so worlds 3 and 5 above needed topping up)
     # Bucket assignment and crops are the same on a second scan.
     again = plan_dataset([Source(str(tmp_path))], SPEC, flip=True)
     assert [(i.sample.name, i.crop) for i in again.train] == [(i.sample.name, i.crop) for i in plan.train]

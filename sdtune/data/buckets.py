@@ -50,8 +50,14 @@ class BucketBatchSampler:
     Each epoch shuffles the items within every bucket, cuts them into batches
     (the last batch of a bucket may be smaller: nothing is dropped), and shuffles
     the batches: a pure function of ``(seed, epoch)``. Process ``rank`` of
-    ``world`` takes batches ``rank, rank + world, ...`` (all get the same count,
-    so they step in lockstep). ``start(epoch, skip)`` picks the epoch and how many
+    ``world`` takes batches ``rank, rank + world, ...``; when the batches do not
+    divide among the processes, the list is topped up with its own first batches,
+    so every process gets the same count (they step in lockstep) and nothing is
+    dropped: a few batches are seen twice instead. Batch ``k`` of process ``rank``
+    is batch ``k * world + rank`` of the epoch's order (``global_index``), which is
+    what the trainer keys its per-batch randomness on, so that the same global
+    batch order gives the same run on any number of processes.
+    ``start(epoch, skip)`` picks the epoch and how many
     of this process's batches to leave out, which is how a resumed run picks up
     mid-epoch; the trainer calls it, so no wrapper can move the order behind its
     back. It yields ``(item, epoch)`` pairs so the dataset can make per-epoch
@@ -86,9 +92,14 @@ class BucketBatchSampler:
         return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        mine = self.batches(self.epoch)[self.rank :: self.world][: len(self)]
-        for batch in mine[self.skip :]:
+        order = self.batches(self.epoch)
+        order += order[: len(self) * self.world - len(order)]  # short processes repeat, never skip
+        for batch in order[self.rank :: self.world][self.skip :]:
             yield [(index, self.epoch) for index in batch]
 
     def __len__(self) -> int:
-        return self.global_batches // self.world
+        return math.ceil(self.global_batches / self.world)
+
+    def global_index(self, batch: int) -> int:
+        """Where this process's ``batch``-th batch of an epoch (from 0) is in the epoch's order."""
+        return batch * self.world + self.rank
