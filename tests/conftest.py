@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,23 @@ from sdtune.tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "datasets" / "sample"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a launch's rendezvous (tests may launch side by side)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_processes(count: int, *script: str) -> tuple[list[str], dict[str, str]]:
+    """Command and environment that run ``script`` as ``count`` CPU processes (gloo). Only
+    ACCELERATE_USE_CPU=1 with --multi_gpu gives accelerate's MULTI_CPU: `--cpu --num_processes
+    2` runs one process, and --multi_gpu alone runs independent ones."""
+    command = [str(ACCELERATE), "launch", "-q", "--multi_gpu", "--num_processes", str(count), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script]
+    return command, os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from sdtune.data.sources import Source
 from sdtune.cli import main as cli_main
 from sdtune.train import main
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, cpu_processes
 from test_data import _bad_folder, _pair
 
 SPEC = BucketSpec(64, 16)
@@ -154,14 +154,12 @@ def test_sdtune_cache_builds_ahead_and_training_then_encodes_nothing(tiny_v, sma
 
 @pytest.mark.skipif(not shutil.which("accelerate", path=os.path.dirname(sys.executable)), reason="accelerate CLI not installed")
 def test_sdtune_cache_under_accelerate_launch_splits_the_work(tiny_v, small_dataset, tmp_path):
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     args = _args(tiny_v, tmp_path, f"data.path={small_dataset}", "data.bucket_step=16")[2:]
-    run = subprocess.run(
-        [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "sdtune", "cache", "--recipe", "recipes/tiny_demo.yaml", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )
+    # The one invocation that gives two CPU processes (gloo): `--cpu --num_processes 2`
+    # runs one, and `--multi_gpu` alone runs two that do not know of each other.
+    command, env = cpu_processes(2, "-m", "sdtune", "cache", "--recipe", "recipes/tiny_demo.yaml", *args)
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     # Each process encoded its half; the totals are reported once.
-    assert run.stdout.count("latent cache 8 encoded, 0 reused") == 1, run.stdout
+    assert run.stdout.count("latent cache 8 encoded (4 + 4 by 2 processes), 0 reused") == 1, run.stdout
     assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 8

@@ -61,12 +61,15 @@ def summed(stats: CacheStats, accelerator) -> CacheStats:
 def report_caches(
     latent: CacheStats, text: CacheStats | None, cache_dir: Path, accelerator
 ) -> tuple[CacheStats, CacheStats | None]:
-    """Sum the counts over processes and print them once; returns the sums."""
+    """Sum the counts over processes and print them once (with each process's share of
+    the encoding when there are several); returns the sums."""
+    shares = accelerator.gather(torch.tensor([latent.encoded], device=accelerator.device)).tolist()
     latent = summed(latent, accelerator)
     text = summed(text, accelerator) if text else None
     if accelerator.is_local_main_process:
         rebuilt = f", {latent.rebuilt} rebuilt" if latent.rebuilt else ""
-        print(f"sdtune: latent cache {latent.encoded} encoded, {latent.reused} reused, {latent.invalidated} invalidated{rebuilt} ({cache_dir})")
+        split = f" ({' + '.join(map(str, shares))} by {len(shares)} processes)" if len(shares) > 1 else ""
+        print(f"sdtune: latent cache {latent.encoded} encoded{split}, {latent.reused} reused, {latent.invalidated} invalidated{rebuilt} ({cache_dir})")
         if text:
             print(f"sdtune: text cache {text.encoded} encoded, {text.reused} reused" + (f", {text.rebuilt} rebuilt" if text.rebuilt else ""))
     return latent, text
