@@ -1,4 +1,5 @@
-"""The CPU a run computes on: how many threads each process uses, and whether bf16 is native.
+"""What a run computes on: accelerate's setup for it, how many CPU threads each
+process uses, and whether bf16 is native.
 
 ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` for the processes it starts when
 the user did not set it, so a run on a CPU would use one core of many. sdtune
@@ -10,8 +11,16 @@ environment, which the launched process can read in ``/proc/<parent>/environ``).
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from sdtune.errors import UserError
 
 ACCELERATE_CHILD = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` in every process it starts
 
@@ -64,3 +73,43 @@ def set_threads(processes_on_machine: int) -> tuple[int, str]:
         why = f"{available_cores()} cores / {processes_on_machine} process{'es' if processes_on_machine > 1 else ''}"
     torch.set_num_threads(threads)
     return threads, why
+
+
+def make_accelerator(mixed_precision: str, accumulation: int, logger: str, out_dir: Path, seed: int, deterministic: bool) -> Accelerator:
+    """accelerate for this run (precision, accumulation, trackers), seeded; an
+    impossible precision fails here, and a slow one is said."""
+    diffusers_logging.disable_progress_bar()  # per-file "Loading weights" bars hide ours
+    transformers_logging.disable_progress_bar()
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation, log_with=None if logger == "none" else logger,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+    )
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+    if mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16() and accelerator.is_local_main_process:
+        print(f"sdtune: warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), where bf16 "
+              "convolutions run far slower than fp32 (benchmarks/precision.py); set train.mixed_precision: no", file=sys.stderr)
+    _check_engine(accelerator)
+    threads, why = set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))  # torchrun's per-machine count
+    if accelerator.is_local_main_process:
+        print(f"sdtune: {threads} CPU thread(s) per process ({why}); {accelerator.num_processes} process(es) on {accelerator.device.type}")
+    set_seed(seed, device_specific=True, deterministic=deterministic)
+    return accelerator
+
+
+def _check_engine(accelerator: Accelerator) -> None:
+    """FSDP and DeepSpeed are refused until a run under them is proven (docs/distributed.md).
+    accelerate builds their plugin when asked, then runs plain DDP where the engine
+    cannot run (FSDP on CPU processes), without a word; say so."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(
+            f"accelerate runs {accelerator.distributed_type.value}, which sdtune does not support yet: writing the results "
+            "and checkpoints of sharded weights is not proven. Train with DDP (recipes/accelerate/multi_gpu.yaml, or "
+            "--processes N); docs/distributed.md says what each GPU then holds")
+    for engine, variable in ((DistributedType.FSDP, "ACCELERATE_USE_FSDP"), (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED")):
+        asked = os.environ.get(variable, "").lower() in ("1", "true", "yes")
+        if asked and accelerator.distributed_type != engine and accelerator.is_local_main_process:
+            runs = "a single process" if accelerator.distributed_type == DistributedType.NO else accelerator.distributed_type.value
+            print(f"sdtune: warning: {engine.value} was asked for, but accelerate runs {runs} "
+                  f"on {accelerator.device.type}: every process holds the whole model and optimizer (docs/distributed.md)",
+                  file=sys.stderr)

@@ -8,6 +8,7 @@ formula (``DDPMScheduler.get_velocity``, ``rescale_betas_zero_snr``,
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +169,14 @@ def diffusion_loss(
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
+
+
+def reseed(generator: torch.Generator, seed: int, epoch: int, batch: int) -> torch.Generator:
+    """``generator`` seeded for batch ``batch`` of ``epoch`` in the data order: what the
+    batch draws (caption dropout, latent sample, noise, timesteps) depends only on where it
+    is in the order, not on which process draws it or what was drawn before."""
+    key = hashlib.blake2b(f"{seed}:{epoch}:{batch}".encode(), digest_size=8).digest()
+    return generator.manual_seed(int.from_bytes(key, "little") >> 1)
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator=None) -> torch.Tensor:

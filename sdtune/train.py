@@ -11,10 +11,10 @@ plain values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -27,23 +27,33 @@ if not __package__:
     # cannot shadow installed ones.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import sdtune  # noqa: F401  (first: it quiets library notices before the libraries load)
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel, cast_training_params
-from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
-from transformers.utils import logging as transformers_logging
 
+import sdtune  # noqa: F401  (first: it quiets library notices before the libraries load)
 from sdtune import atomic, training_state
 from sdtune.adapters import add_lora, trainable_parameters
+from sdtune.compute import make_accelerator
 from sdtune.data.buckets import BucketBatchSampler
-from sdtune.data.cache import CachedDataset, CacheStats, default_cache_dir, fill_caches, read_entry
+from sdtune.data.cache import (
+    CachedDataset,
+    CacheStats,
+    default_cache_dir,
+    fill_caches,
+    read_entry,
+)
 from sdtune.data.captions import drop_captions, tokenize
 from sdtune.data.plan import DataPlan, plan_data, skipped_report, warnings_for
-from sdtune.diffusion import Objective, denoising_loss, perturb_noise, sample_latents, sample_noise, sample_timesteps
-from sdtune.compute import cpu_has_native_bf16, set_threads
+from sdtune.diffusion import (
+    Objective,
+    denoising_loss,
+    perturb_noise,
+    reseed,
+    sample_latents,
+    sample_noise,
+    sample_timesteps,
+)
 from sdtune.errors import run_command, take_debug_flag
 from sdtune.evaluation import preview_grid, save_preview, validation_loss
 from sdtune.export.kohya import check_sd2_text_encoder_targets
@@ -81,7 +91,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     resume_from = training_state.resolve(resume, folder.checkpoints) if resume else None
     resume_run = training_state.run_of(resume_from) if resume_from else None
     folder.check(out.overwrite, resume_run)  # another run's files are never replaced silently
-    accelerator = _accelerator(opt.mixed_precision, opt.gradient_accumulation_steps, opt.logger, out_dir, opt.seed, opt.deterministic)
+    accelerator = make_accelerator(opt.mixed_precision, opt.gradient_accumulation_steps, opt.logger, out_dir, opt.seed, opt.deterministic)
     device, weight_dtype, is_main = accelerator.device, DTYPES[opt.mixed_precision], accelerator.is_local_main_process
     train_te = recipe.trains_text_encoder
 
@@ -95,7 +105,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if lora.merge_first:
         _merge_first(parts, lora.merge_first, lora.merge_first_weight, model.allow_pickle)
     if accelerator.is_main_process:
-        _announce(plan, parts.name, parts.base_model_version, folder, folder.claim(out.overwrite, resume_run), opt.logger)
+        _announce(plan, parts.name, parts.base_model_version, folder, folder.claim(out.overwrite, resume_run), opt.logger,
+                  (opt.batch_size, accelerator.num_processes, opt.gradient_accumulation_steps))
 
     # Caches: each process encodes its share of what is missing (held-out images too, for
     # validation); the frozen encoders leave the device once they are built.
@@ -127,7 +138,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     cfg_rescale = preview.cfg_rescale if preview.cfg_rescale is not None else default_cfg_rescale(model.zero_terminal_snr)
     position, history = training_state.Position(step=0, epoch=0, batch_in_epoch=0, micro_steps=0), {}
     if resume_from is not None:
-        position, history = training_state.resume_state(resume_from, recipe.model_dump(mode="json"), models, optimizer, lr_scheduler, ema, accelerator)
+        position, history = training_state.resume_state(resume_from, recipe.model_dump(mode="json"), models, ema, accelerator)
         if is_main:
             print(f"sdtune: resumed from {resume_from} at step {position.step}")
     if accelerator.is_main_process:
@@ -145,23 +156,24 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     history["validation"] = validation = [(s, {int(t): v for t, v in per_t.items()}) for s, per_t in history["validation"]]  # JSON keys back to ints
     step, skipped, started, stopped_by, saved = position.step, 0, time.perf_counter(), None, None
     bar = tqdm(total=opt.max_steps, initial=step, desc="training", unit="step", disable=not is_main)
-    batches = _batches(loader, order, position, device)
+    batches, generator = _batches(loader, order, position, device), torch.Generator(device)
     for module in trained:
         module.train()
     with training_state.StopOnSignal() as stop:
         while step < opt.max_steps:
             epoch, batch_in_epoch, batch = next(batches)
+            # A batch's randomness is keyed by its place in the data order, not by the process
+            # that draws it: the same order trains the same model on any number of processes.
+            keyed = reseed(generator, opt.seed, epoch, order.global_index(batch_in_epoch - 1))
+            te_trains = train_te and (opt.text_encoder_steps is None or step < opt.text_encoder_steps)
             with accelerator.accumulate(*trained):
-                if text_in_loop:
-                    conditioning = encode_prompts(encoder, drop_captions(batch["input_ids"], empty_conditioning, data.caption_dropout))
-                else:
-                    conditioning = drop_captions(batch["encoder_hidden_states"], empty_conditioning, data.caption_dropout)
-                latents = sample_latents(batch["mean"], batch["std"], scaling)
-                noise = sample_noise(latents, opt.noise_offset, opt.noise_offset_random_strength)
-                timesteps = sample_timesteps(latents.shape[0], device, t_low, t_high, opt.timestep_sampling, opt.logit_mean, opt.logit_std)
-                input_noise = perturb_noise(noise, opt.input_perturbation) if opt.input_perturbation else None
+                conditioning = _conditioning(batch, encoder if text_in_loop else None, te_trains, empty_conditioning, data.caption_dropout, keyed)
+                latents = sample_latents(batch["mean"], batch["std"], scaling, keyed)
+                noise = sample_noise(latents, opt.noise_offset, opt.noise_offset_random_strength, keyed)
+                timesteps = sample_timesteps(latents.shape[0], device, t_low, t_high, opt.timestep_sampling, opt.logit_mean, opt.logit_std, keyed)
+                input_noise = perturb_noise(noise, opt.input_perturbation, keyed) if opt.input_perturbation else None
                 loss = denoising_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise)
-                if opt.on_nan == "skip" and not torch.isfinite(loss).item():
+                if opt.on_nan == "skip" and not _all_finite(loss, accelerator):  # all processes skip it, or none
                     skipped = _skip_batch(skipped, step, optimizer)
                     continue
                 accelerator.backward(loss)
@@ -175,8 +187,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 continue
             step += 1
             bar.update(1)
-            if train_te and step == opt.text_encoder_steps:
-                trained[1].requires_grad_(False)  # no more gradients: AdamW leaves it as it is
+            signalled = stop.agreed(accelerator)  # every process stops at this step, or none
             if ema is not None and step % recipe.ema.update_every == 0:
                 ema.step(params)
             if step % opt.log_every == 0 or step == opt.max_steps:
@@ -193,15 +204,16 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                 history["previews"].append((step, str(save_preview(image, folder, step, accelerator.trackers))))
             due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
                 ckpt.every_epochs and batch_in_epoch == len(loader) and (epoch + 1) % ckpt.every_epochs == 0)
-            if (due and step < opt.max_steps) or stop.signal is not None:
-                here = training_state.Position(step, epoch, batch_in_epoch, accelerator.step, folder.record.run_id if folder.record else "")
-                saved, kept = training_state.save_state(folder.checkpoints, here, models, optimizer, lr_scheduler, ema, accelerator,
+            if (due and step < opt.max_steps) or signalled is not None:
+                here = training_state.Position(step, epoch, batch_in_epoch, accelerator.step, folder.record.run_id if folder.record else "",
+                                               accelerator.num_processes)
+                saved, kept = training_state.save_state(folder.checkpoints, here, models, ema, accelerator,
                                                         recipe.to_json(), ckpt.keep_last, params, NAN_ADVICE, history)
                 if accelerator.is_main_process:
                     written = _write_result(folder.step_stem(step), spec, models, ema, params, parts, step, plan.images) if ckpt.export else []
                     _keep_step_exports(folder, kept, written)
-                if stop.signal is not None:
-                    stopped_by = stop.signal
+                if signalled is not None:
+                    stopped_by = signalled
                     break
     bar.close()
     accelerator.wait_for_everyone()
@@ -220,27 +232,6 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if ema is not None and stopped_by is None:
         ema.copy_to(params)  # callers get the model that was exported
     return result
-
-
-def _accelerator(mixed_precision: str, accumulation: int, logger: str, out_dir: Path, seed: int, deterministic: bool) -> Accelerator:
-    """accelerate for this run (precision, accumulation, trackers), seeded; an
-    impossible precision fails here, and a slow one is said."""
-    diffusers_logging.disable_progress_bar()  # per-file "Loading weights" bars hide ours
-    transformers_logging.disable_progress_bar()
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation, log_with=None if logger == "none" else logger,
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-    )
-    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
-    if mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16() and accelerator.is_local_main_process:
-        print(f"sdtune: warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), where bf16 "
-              "convolutions run far slower than fp32 (benchmarks/precision.py); set train.mixed_precision: no", file=sys.stderr)
-    threads, why = set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))  # torchrun's per-machine count
-    if accelerator.is_local_main_process:
-        print(f"sdtune: {threads} CPU thread(s) per process ({why}); {accelerator.num_processes} process(es) on {accelerator.device.type}")
-    set_seed(seed, device_specific=True, deterministic=deterministic)
-    return accelerator
 
 
 def _place_encoders(parts, device: torch.device, weight_dtype: torch.dtype, frozen_in_loop: bool, trains: bool) -> None:
@@ -266,6 +257,24 @@ def _loader(dataset, buckets: list[tuple[int, int]], batch_size: int, seed: int,
     return order, loader
 
 
+def _conditioning(batch: dict, encoder, trains: bool, empty: torch.Tensor, dropout: float, generator) -> torch.Tensor:
+    """The UNet's conditioning for ``batch``, some captions dropped: cached, or from
+    ``encoder`` when it runs in the loop (with gradients only while it ``trains``: after
+    train.text_encoder_steps it runs without, so it gets none and AdamW leaves it be)."""
+    if encoder is None:
+        return drop_captions(batch["encoder_hidden_states"], empty, dropout, generator)
+    with contextlib.nullcontext() if trains else torch.no_grad():
+        return encode_prompts(encoder, drop_captions(batch["input_ids"], empty, dropout, generator))
+
+
+def _all_finite(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process (a batch is skipped by all, or by none)."""
+    bad = (~torch.isfinite(loss)).to(torch.int32).reshape(1)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bad.item()
+
+
 def _skip_batch(skipped: int, step: int, optimizer) -> int:
     """train.on_nan: skip drops a batch whose loss is not finite, up to a limit."""
     skipped += 1
@@ -277,7 +286,7 @@ def _skip_batch(skipped: int, step: int, optimizer) -> int:
 
 def _log(recent_losses: list[torch.Tensor], lr: float, step: int, bar, accelerator, history: dict) -> None:
     """The mean loss since the last log (the loop's one host sync), to the bar, the trackers and report.html."""
-    recent = torch.stack(recent_losses).mean().item()
+    recent = accelerator.reduce(torch.stack(recent_losses).mean(), "mean").item()  # over all processes
     if not math.isfinite(recent):
         raise FloatingPointError(f"loss is {recent} at step {step}; nothing was written. {NAN_ADVICE}")
     bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr:.2e}")
@@ -325,11 +334,14 @@ def _print_resume(signal: int, step: int, saved: Path | None) -> None:
     print("  " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv, "--resume", "latest"]))
 
 
-def _announce(plan: DataPlan, model_name: str, base_model_version: str, folder: RunFolder, claimed: list[str], logger: str) -> None:
-    """What the run trains on and where it writes (main process), once it owns its files."""
+def _announce(plan: DataPlan, model_name: str, base_model_version: str, folder: RunFolder, claimed: list[str], logger: str,
+              batch: tuple[int, int, int]) -> None:
+    """What the run trains on and where it writes (main process), once it owns its files;
+    ``batch``: (per-process batch, processes, accumulation steps)."""
     for line in claimed:
         print(f"sdtune: {line}", file=sys.stderr)
     print(f"sdtune: {plan.images} images ({len(plan.train)} per epoch) from {', '.join(plan.sources)}; base {model_name} ({base_model_version})")
+    print(f"sdtune: effective batch {math.prod(batch)} = batch {batch[0]} x {batch[1]} process(es) x {batch[2]} accumulation step(s)")
     for line in warnings_for(plan):
         print(f"sdtune: {line}", file=sys.stderr)
     if plan.skipped:

@@ -1,23 +1,28 @@
-"""Training checkpoints that resume exactly.
+"""Training checkpoints that resume exactly, on one process or many.
 
 A checkpoint is a folder ``<output.dir>/checkpoints/<output.name>/step-<N>/``
-holding what the next step depends on: the trainable weights (safetensors), the
-optimizer, schedule, EMA and grad-scaler states, the RNG states, where in the
-data order the run was and which run it belongs to (JSON), and the run's
-history so far (for report.html). Resuming from it continues the same
-trajectory, bit for bit on CPU: a run interrupted at step N and resumed ends
-with the weights of an uninterrupted one. Only trainable weights are stored (a
-LoRA checkpoint is megabytes, not the whole UNet).
+holding what the next step depends on. accelerate's state machinery writes the
+engine's part: optimizer (``optimizer.bin``), lr schedule, grad scaler and every
+process's RNG (``random_states_<rank>.pkl``). sdtune adds the trainable weights
+(``trainable.safetensors``: a LoRA checkpoint is megabytes, not the whole UNet),
+the EMA weights
+(``ema.pt``), where in the data order the run was and which run it belongs to
+(``position.json``), the recipe, and the history so far (for report.html).
+Resuming continues the same trajectory, bit for bit on CPU: a run interrupted
+at step N and resumed ends with the weights of an uninterrupted one.
 
-A checkpoint appears whole or not at all (written to a temp folder, flushed,
-renamed), and pruning (``checkpoint.keep_last``) touches only the checkpoints of
-the run that writes. The ``.pt`` file holds only tensors and plain containers
-and is read with ``torch.load(weights_only=True)``, which refuses anything else.
+A checkpoint appears whole or not at all: every process writes into one temp
+folder, which the main process flushes and renames once all are done; pruning
+(``checkpoint.keep_last``) touches only the checkpoints of the run that writes.
+Nothing is unpickled: the ``.pt``/``.bin``/``.pkl`` files hold only tensors and
+plain containers and are read with ``torch.load(weights_only=True)`` (accelerate
+does so too), which refuses anything else.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import signal
 import threading
@@ -25,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -32,7 +38,8 @@ from sdtune import atomic
 from sdtune.errors import RecipeError, UserError
 
 PREFIX = "step-"
-FILES = ("trainable.safetensors", "states.pt", "position.json", "recipe.json", "history.json")
+FILES = ("trainable.safetensors", "position.json", "recipe.json", "optimizer.bin")
+OLD_FORMAT = "states.pt"  # the single-process format of sdtune before accelerate wrote the engine state
 
 
 @dataclass
@@ -41,30 +48,36 @@ class Position:
 
     step: int
     epoch: int
-    batch_in_epoch: int  # batches of `epoch` already consumed
+    batch_in_epoch: int  # batches of `epoch` already consumed by each process
     micro_steps: int  # accelerate's accumulation counter, so accumulation boundaries line up
     run_id: str = ""  # the run the checkpoint belongs to ("" in checkpoints of older sdtune)
+    processes: int = 1  # how many processes shared the data order
 
 
 def save_checkpoint(
     root: Path,
     position: Position,
-    trainable: dict[str, torch.Tensor],
-    states: dict[str, object],
+    trainable: dict[str, torch.Tensor] | None,
     recipe_json: str,
     keep_last: int,
     history: dict | None = None,
+    ema_state: dict | None = None,
+    tmp: Path | None = None,
 ) -> tuple[Path, list[Path]]:
     """Write ``root/step-<N>`` atomically, then keep only this run's last ``keep_last``.
-    Returns the checkpoint and the run's checkpoints that are kept."""
+    ``tmp`` is the temp folder the engine's files were already written into (by every
+    process); without it one is made. Returns the checkpoint and the run's kept ones."""
     root = Path(root)
     final = root / f"{PREFIX}{position.step:08d}"
-    tmp = atomic.tmp_beside(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if tmp is None:
+        tmp = atomic.tmp_beside(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        torch.save(states, tmp / "states.pt")
+        if trainable is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        if ema_state is not None:
+            torch.save(ema_state, tmp / "ema.pt")
         (tmp / "position.json").write_text(json.dumps(asdict(position)), encoding="utf-8")
         (tmp / "recipe.json").write_text(recipe_json, encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps(history or {}), encoding="utf-8")
@@ -108,22 +121,29 @@ def resolve(resume: str, root: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict[str, object], dict, dict]:
-    """Position, trainable weights, states, recipe and history of a checkpoint folder."""
+def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict, dict]:
+    """Position, trainable weights, recipe and history of a checkpoint folder; the
+    engine's files are accelerate's to read."""
     path = Path(path)
-    missing = [name for name in FILES[:4] if not (path / name).is_file()]
+    missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); resume from another one")
+    if (path / OLD_FORMAT).is_file():
+        raise UserError(f"checkpoint {path} was written by an older sdtune (it has {OLD_FORMAT}); finish that run with "
+                        "the sdtune that started it, or start this one afresh")
     try:
         position = Position(**json.loads((path / "position.json").read_text(encoding="utf-8")))
         trainable = load_file(path / "trainable.safetensors")
-        states = torch.load(path / "states.pt", weights_only=True)
         recipe = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
         history_file = path / "history.json"
         history = json.loads(history_file.read_text(encoding="utf-8")) if history_file.is_file() else {}
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); resume from another one") from None
-    return position, trainable, states, recipe, history
+        raise _unreadable(path, exc) from None
+    return position, trainable, recipe, history
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    return UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); resume from another one")
 
 
 def trainable_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -132,21 +152,35 @@ def trainable_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Ten
 
 
 def save_state(
-    root: Path, position: Position, models: dict, optimizer, lr_scheduler, ema, accelerator, recipe_json: str,
+    root: Path, position: Position, models: dict, ema, accelerator, recipe_json: str,
     keep_last: int, params: list[torch.nn.Parameter], nan_advice: str, history: dict | None = None,
 ) -> tuple[Path | None, list[Path]]:
-    """All processes call it; the main one writes. Refuses to save non-finite weights.
-    Returns the checkpoint and the run's kept checkpoints (main process; else None, [])."""
+    """Every process calls it: each writes its share through accelerate into one temp
+    folder, then the main one adds sdtune's files and publishes it. Refuses to save
+    non-finite weights. Returns the checkpoint and the run's kept checkpoints (main
+    process; else None, [])."""
     if not all(torch.isfinite(p).all() for p in params):
         raise FloatingPointError(f"non-finite weights at step {position.step}; no checkpoint written. {nan_advice}")
-    states = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_states()}
-    if ema is not None:
-        states["ema"] = ema.state_dict()
-    if accelerator.scaler is not None:
-        states["scaler"] = accelerator.scaler.state_dict()
+    final = Path(root) / f"{PREFIX}{position.step:08d}"
+    tmp = [str(atomic.tmp_beside(final))] if accelerator.is_main_process else [None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(tmp)  # one folder for all: the main process's temp name
+    tmp = Path(tmp[0])
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # accelerate would write the whole models; sdtune writes only what trains.
+    hook = accelerator.register_save_state_pre_hook(lambda _models, weights, _dir: weights.clear())
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        hook.remove()
+    accelerator.wait_for_everyone()
     saved, kept = None, []
     if accelerator.is_main_process:
-        saved, kept = save_checkpoint(root, position, trainable_tensors(models), states, recipe_json, keep_last, history)
+        saved, kept = save_checkpoint(root, position, trainable_tensors(models), recipe_json, keep_last,
+                                      history, ema.state_dict() if ema is not None else None, tmp)
     accelerator.wait_for_everyone()
     return saved, kept
 
@@ -156,26 +190,33 @@ def save_state(
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "checkpoint", "output", "data.num_workers")
 
 
-def resume_state(path: Path, recipe: dict, models: dict, optimizer, lr_scheduler, ema, accelerator) -> tuple[Position, dict]:
+def resume_state(path: Path, recipe: dict, models: dict, ema, accelerator) -> tuple[Position, dict]:
     """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a
     changed one). Returns where the run is and its history so far."""
-    position, trainable, states, saved_recipe, history = load_checkpoint(path)
+    position, trainable, saved_recipe, history = load_checkpoint(path)
     changes = recipe_changes(saved_recipe, recipe, RESUMABLE_CHANGES)
     if changes:
         raise RecipeError(f"the recipe differs from the checkpoint's ({path}):\n  " + "\n  ".join(changes))
+    if position.processes != accelerator.num_processes:
+        raise UserError(
+            f"checkpoint {path} was written by a run of {position.processes} process(es); this one has "
+            f"{accelerator.num_processes}, which would change the batch order and the effective batch. Resume it with "
+            f"{position.processes} process(es) (bash launch.sh train RECIPE --processes {position.processes} --resume latest)")
     current = trainable_tensors(models)
     if current.keys() != trainable.keys():
         raise RecipeError(f"checkpoint {path} holds other trainable weights than this recipe creates")
     with torch.no_grad():
         for name, value in trainable.items():
             current[name].copy_(value)
-    optimizer.load_state_dict(states["optimizer"])
-    lr_scheduler.load_state_dict(states["lr_scheduler"])
-    if ema is not None:
-        ema.load_state_dict(states["ema"])
-    if accelerator.scaler is not None and "scaler" in states:
-        accelerator.scaler.load_state_dict(states["scaler"])
-    restore_rng(states["rng"])
+    hook = accelerator.register_load_state_pre_hook(lambda models, _dir: models.clear())  # the weights are loaded above
+    try:  # optimizer, schedule, grad scaler and this process's RNG
+        accelerator.load_state(str(path))
+        if ema is not None:
+            ema.load_state_dict(torch.load(Path(path) / "ema.pt", weights_only=True))
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+        raise _unreadable(Path(path), exc) from None
+    finally:
+        hook.remove()
     accelerator.step = position.micro_steps
     return position, history
 
@@ -225,6 +266,15 @@ class StopOnSignal:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def agreed(self, accelerator) -> int | None:
+        """The signal all processes act on after this step: any one's (the highest), so
+        they stop together at one step, or none does. One tiny all-reduce per step."""
+        if accelerator.num_processes == 1:
+            return self.signal
+        flag = torch.tensor([self.signal or 0], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -2,8 +2,8 @@
 
     python tests/crash_writer.py OUT_DIR
 
-Each round writes, through sdtune's own writers, a checkpoint (``save_checkpoint``,
-keep_last 2), a result file (``atomic.save_safetensors``) and a folder export
+Each round writes, through sdtune's own writers, a checkpoint (an engine file, then
+``save_checkpoint``, keep_last 2), a result file (``atomic.save_safetensors``) and a folder export
 (``atomic.publish_folder``), every tensor filled with the round number, so a reader
 can tell a whole write from a torn one. It continues after the newest checkpoint.
 """
@@ -32,9 +32,12 @@ def main() -> None:
         step += 1
         value = float(step)
         weights = {"w": torch.full((512, 512), value), "b": torch.full((512,), value)}
-        states = {"optimizer": {"exp_avg": torch.full((512, 512), value)}, "rng": training_state.rng_states()}
+        # As in training: the engine's state goes into the temp folder first, then sdtune's files.
         position = training_state.Position(step, 0, 0, step, RUN_ID)
-        training_state.save_checkpoint(root, position, weights, states, "{}", keep_last=2, history={"loss": [[step, value]]})
+        engine = atomic.tmp_beside(root / f"{training_state.PREFIX}{step:08d}")
+        engine.mkdir(parents=True)
+        torch.save({"state": {0: {"exp_avg": torch.full((512, 512), value)}}}, engine / "optimizer.bin")
+        training_state.save_checkpoint(root, position, weights, "{}", keep_last=2, history={"loss": [[step, value]]}, tmp=engine)
         atomic.save_safetensors(weights, out / "result.safetensors", {"step": str(step)})
         tmp = atomic.tmp_beside(out / "folder")
         tmp.mkdir(parents=True)
