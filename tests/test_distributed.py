@@ -9,6 +9,7 @@ batch B and 2 accumulation steps; only the order of the floating-point sums diff
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import time
 import pytest
 import torch
 from accelerate.utils import load as accelerate_load
-from conftest import ROOT, cpu_processes
+from conftest import ROOT, cpu_processes, free_port
 
 from sdtune import training_state
 from sdtune.errors import UserError
@@ -66,10 +67,15 @@ def test_two_processes_train_like_one_stop_together_and_resume_exactly(tiny_v, s
     one = _lora(main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2)).output)
     assert max(t.abs().max().item() for k, t in one.items() if "lora_up" in k) > 100 * TOLERANCE
 
-    # Two processes, uninterrupted.
-    proc = _two_processes(_recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, "checkpoint.every_steps=10"))
-    stdout, stderr = (s.decode() for s in proc.communicate(timeout=300))
-    assert proc.returncode == 0, stderr[-3000:]
+    # Two processes, uninterrupted, as launch.sh starts them without a GPU.
+    recipe = _recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, "checkpoint.every_steps=10")
+    run = subprocess.run(["bash", "launch.sh", "train", *recipe[1:2], "--processes", "2", "--main_process_port", str(free_port()),
+                          *recipe[2:]], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"SDTUNE_FORCE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    stdout, stderr = run.stdout, run.stderr
+    assert run.returncode == 0, stderr[-3000:]
+    assert "sdtune: launching: ACCELERATE_USE_CPU=1 " in stderr and " --multi_gpu --num_processes 2 " in stderr
+    assert stdout.count("process(es) on cpu") == 1  # one run of two processes, not two runs of one
     assert "; 2 process(es) on cpu" in stdout and "effective batch 4 = batch 2 x 2 process(es) x 1 accumulation step(s)" in stdout
     two = _lora(tmp_path / "two" / "tiny-demo.safetensors")
     assert _max_difference(two, one) < TOLERANCE, _max_difference(two, one)
@@ -78,8 +84,9 @@ def test_two_processes_train_like_one_stop_together_and_resume_exactly(tiny_v, s
     assert json.loads((tmp_path / "two" / "tiny-demo.run.json").read_text())["status"] == "finished"
     checkpoints = training_state.list_checkpoints(tmp_path / "two" / "checkpoints" / "tiny-demo")
     assert [p.name for p in checkpoints] == ["step-00000010"]
-    assert {"random_states_0.pkl", "random_states_1.pkl", "optimizer.bin", "trainable.safetensors", "ema.pt"} <= {
-        p.name for p in checkpoints[0].iterdir()}
+    files = {p.name: p.stat().st_size for p in checkpoints[0].iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "optimizer.bin", "trainable.safetensors", "ema.pt"} <= files.keys()
+    assert not any(name.startswith("model") for name in files)  # a LoRA checkpoint holds the LoRA, not the UNet
 
     # SIGTERM to the launcher: both processes stop after the same step, with one checkpoint.
     args = _recipe(tiny_v, small_dataset, tmp_path / "stopped", cache, 2, 1)
