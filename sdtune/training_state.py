@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
+from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -210,6 +211,9 @@ def resume_state(path: Path, recipe: dict, models: dict, ema, accelerator) -> tu
             current[name].copy_(value)
     hook = accelerator.register_load_state_pre_hook(lambda models, _dir: models.clear())  # the weights are loaded above
     try:  # optimizer, schedule, grad scaler and this process's RNG
+        # accelerate passes over an RNG file it cannot read with a log line; resuming would
+        # then silently leave the trajectory, so read it first and stop instead.
+        accelerate_load(Path(path) / f"random_states_{accelerator.process_index}.pkl")
         accelerator.load_state(str(path))
         if ema is not None:
             ema.load_state_dict(torch.load(Path(path) / "ema.pt", weights_only=True))

@@ -182,6 +182,25 @@ def test_pickles_anywhere_need_the_flag_and_load_as_tensors_only(tiny_v, tmp_pat
     assert "Traceback" not in code.stderr and not (tmp_path / "boom-was-run").exists()
 
 
+def test_a_checkpoint_holding_a_pickled_object_is_refused_not_run(tiny_v, small_dataset, tmp_path, monkeypatch):
+    """Every file of a checkpoint is read as tensors only: accelerate's optimizer, schedule
+    and RNG files, and sdtune's EMA state, whichever one an attacker replaces."""
+    monkeypatch.chdir(tmp_path)
+    args = _args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "checkpoint.every_steps=1", "ema.enabled=true")
+    args[1] = str(ROOT / args[1])  # (the payload would write into the working directory: this test's)
+    main(args)
+    step1 = tmp_path / "out" / "checkpoints" / "tiny-demo" / "step-00000001"
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "ema.pt"):
+        assert (step1 / name).is_file()
+        original = (step1 / name).read_bytes()
+        (step1 / name).write_bytes(pickle.dumps({"state": _Boom()}, protocol=2))
+        with pytest.raises(UserError, match=rf"checkpoint .*step-00000001 cannot be read"):
+            main([*args, "--resume", str(step1)])
+        assert not (tmp_path / "boom-was-run").exists(), name
+        (step1 / name).write_bytes(original)
+    assert main([*args, "--resume", str(step1)]).steps == 2
+
+
 # -- One paragraph, no traceback, documented exit statuses --------------------------------------
 
 
