@@ -22,9 +22,11 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """``groups`` are torch param groups, each with its own ``lr``."""
     if kind == "adamw":
-        # fused runs the whole update in one kernel per device; only CUDA has it everywhere.
-        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
-        return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps, fused=on_cuda or None)
+        # fused runs the whole update in one kernel per device (CUDA and CPU); on CPU it is
+        # ~6x faster than the default per-tensor loop for a LoRA's hundreds of small
+        # tensors (benchmarks/train.py's report), with the same result up to float rounding.
+        devices = {p.device.type for group in groups for p in group["params"]}
+        return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps, fused=devices <= {"cuda", "cpu"} or None)
     if kind == "adafactor":
         from transformers.optimization import Adafactor
 

@@ -28,6 +28,28 @@ def test_every_optimizer_reduces_a_quadratic(kind):
     assert loss.item() < 0.8 * first, (kind, first, loss.item())
 
 
+def test_adamw_is_fused_on_cpu_and_matches_the_per_tensor_loop():
+    """The fused kernel (one call for all tensors) is what runs on CPU too; it must make
+    the update the reference loop makes, to float rounding, decay and eps included."""
+    torch.manual_seed(0)
+    shapes = [(320, 4), (4, 320), (8, 8, 3, 3), (32,)]
+    start = [torch.randn(shape) for shape in shapes]
+    fused_params, loop_params = ([torch.nn.Parameter(t.clone()) for t in start] for _ in range(2))
+    fused = make_optimizer([{"params": fused_params, "lr": 1e-2}], "adamw", (0.9, 0.99), 1e-2, 1e-6)
+    loop = torch.optim.AdamW(loop_params, lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, foreach=False)
+    assert fused.defaults["fused"] is True
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        for a, b in zip(fused_params, loop_params):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b, s in zip(fused_params, loop_params, start):
+        assert (a - s).abs().max() > 1e-3  # it moved
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def _lrs(name, warmup=10, total=100, cycles=1, power=1.0):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = make_lr_scheduler(optimizer, name, warmup, total, cycles, power)
