@@ -10,6 +10,9 @@ the folder is flushed so the rename itself survives a power cut.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
 import re
 import shutil
@@ -122,10 +125,35 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or filesystem cannot, so the caller falls back to two renames."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def publish_folder(tmp: Path, final: Path) -> Path:
     """Make a folder written at ``tmp`` (best named by ``tmp_beside(final)``) appear as
     ``final``: normal modes, every file flushed, then renamed. An existing ``final``
-    is moved aside first and removed only once the new one is in place."""
+    is swapped with the new one in one step where the filesystem can (Linux), so a
+    reader or a kill never finds it missing; elsewhere it is moved aside first and
+    removed once the new one is in place."""
     tmp, final = Path(tmp), Path(final)
     for root, _, files in os.walk(tmp):
         os.chmod(root, DIR_MODE)
@@ -133,8 +161,12 @@ def publish_folder(tmp: Path, final: Path) -> Path:
             os.chmod(Path(root) / name, FILE_MODE)
             fsync_path(Path(root) / name)
         fsync_path(Path(root))
+    if final.exists() and _exchange(tmp, final):  # one step: ``final`` is never missing
+        fsync_path(final.parent)
+        shutil.rmtree(tmp)  # the old folder, now at the temp name (a later start removes it if killed here)
+        return final
     old = None
-    if final.exists():
+    if final.exists():  # where the filesystem cannot swap (e.g. NFS): two renames
         old = tmp_beside(final, "old.tmp")
         os.replace(final, old)
     os.replace(tmp, final)

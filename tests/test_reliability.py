@@ -107,6 +107,25 @@ def test_a_killed_writer_never_leaves_a_torn_file_and_a_later_start_cleans_up(tm
     assert removed_total > 0  # some kills did land mid-write
 
 
+def test_replacing_a_folder_swaps_it_in_one_step(tmp_path, monkeypatch):
+    """A folder export replaces the old one with one renameat2(RENAME_EXCHANGE), not by moving
+    the old aside first: there is no moment at which the folder is missing (a kill there
+    would lose it). Renames are forbidden here, so only the swap can succeed."""
+    final = tmp_path / "folder"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    tmp = atomic.tmp_beside(final)
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_text("new")
+
+    def no_rename(*args):
+        raise AssertionError(f"two-step rename {args}")
+
+    monkeypatch.setattr(atomic.os, "replace", no_rename)
+    atomic.publish_folder(tmp, final)
+    assert (final / "model.safetensors").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
 def test_a_killed_training_run_resumes_from_its_last_whole_checkpoint(tiny_v, small_dataset, tmp_path):
     def command(steps: int) -> list[str]:
         return [sys.executable, "-m", "sdtune", "train", *_args(tiny_v, small_dataset, tmp_path, f"train.max_steps={steps}",
