@@ -113,3 +113,13 @@ def _check_engine(accelerator: Accelerator) -> None:
             print(f"sdtune: warning: {engine.value} was asked for, but accelerate runs {runs} "
                   f"on {accelerator.device.type}: every process holds the whole model and optimizer (docs/distributed.md)",
                   file=sys.stderr)
+
+
+def highest_on_any_process(value: int, accelerator) -> int:
+    """The largest of ``value`` over all processes (a flag any one of them raised); one
+    all-reduce of one number, none with a single process."""
+    if accelerator.num_processes == 1:
+        return value
+    flag = torch.tensor([value], device=accelerator.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())

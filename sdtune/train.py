@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import sdtune  # noqa: F401  (first: it quiets library notices before the libraries load)
 from sdtune import atomic, training_state
 from sdtune.adapters import add_lora, trainable_parameters
-from sdtune.compute import make_accelerator
+from sdtune.compute import highest_on_any_process, make_accelerator
 from sdtune.data.buckets import BucketBatchSampler
 from sdtune.data.cache import (
     CachedDataset,
@@ -269,10 +269,7 @@ def _conditioning(batch: dict, encoder, trains: bool, empty: torch.Tensor, dropo
 
 def _all_finite(loss: torch.Tensor, accelerator) -> bool:
     """Whether the loss is finite on every process (a batch is skipped by all, or by none)."""
-    bad = (~torch.isfinite(loss)).to(torch.int32).reshape(1)
-    if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    return not bad.item()
+    return not highest_on_any_process(int(not torch.isfinite(loss).all().item()), accelerator)
 
 
 def _skip_batch(skipped: int, step: int, optimizer) -> int:

@@ -274,11 +274,9 @@ class StopOnSignal:
     def agreed(self, accelerator) -> int | None:
         """The signal all processes act on after this step: any one's (the highest), so
         they stop together at one step, or none does. One tiny all-reduce per step."""
-        if accelerator.num_processes == 1:
-            return self.signal
-        flag = torch.tensor([self.signal or 0], device=accelerator.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) or None
+        from sdtune.compute import highest_on_any_process
+
+        return highest_on_any_process(self.signal or 0, accelerator) or None
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
