@@ -49,8 +49,8 @@ def test_round_trip_is_bit_exact_and_covers_every_tensor(reduced, tmp_path):
     assert all(k.startswith(prefixes) for k in written)
     n_te = sum(k.startswith("cond_stage_model.") for k in written)
     if version == "sd_v2":
-        # 24 resblocks of 12 tensors, 4 embedding/final-norm tensors, text_projection; diffusers runs 23.
-        assert n_te == 24 * 12 + 4 + 1 and "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in written
+        # 24 resblocks of 12 tensors, 4 embedding/final-norm tensors, text_projection, logit_scale; diffusers runs 23.
+        assert n_te == 24 * 12 + 4 + 2 and "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in written
         assert written["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (96, 32)
         assert "cond_stage_model.model.transformer.resblocks.24.ln_1.weight" not in written
     else:
@@ -62,7 +62,7 @@ def test_round_trip_is_bit_exact_and_covers_every_tensor(reduced, tmp_path):
     checkpoint = read_checkpoint(files[0])
     assert checkpoint.version == version and checkpoint.ignored == []
     assert checkpoint.prediction_type == "epsilon" and checkpoint.zero_terminal_snr is False
-    assert len(checkpoint.extras) == (13 if version == "sd_v2" else 0)
+    assert len(checkpoint.extras) == (14 if version == "sd_v2" else 0)
     unet2, vae2, text_encoder2 = build_models(checkpoint)
     for a, b in ((unet, unet2), (vae, vae2), (text_encoder, text_encoder2)):
         _assert_same_tensors(a, b)
@@ -95,13 +95,13 @@ def test_shapes_alone_give_the_architecture(reduced, tmp_path):
 
 
 def test_sd2_file_without_the_unused_openclip_block(tmp_path):
-    """diffusers' converter writes 23 resblocks and no text_projection: all 23 are used, and a
-    file written from it gets the 24th back (identity), as the UIs expect 24."""
+    """diffusers' converter writes 23 resblocks and no text_projection or logit_scale: all 23 are
+    used, and a file written from it gets the 24th back (identity), as the UIs expect 24."""
     from sdtune.tiny import reduced_sd
 
     unet, vae, text_encoder = reduced_sd("sd_v2")
     tensors = ldm_tensors(unet, vae, text_encoder, "sd_v2", torch.float32)
-    short = {k: v for k, v in tensors.items() if ".resblocks.23." not in k and not k.endswith("text_projection")}
+    short = {k: v for k, v in tensors.items() if ".resblocks.23." not in k and not k.endswith(("text_projection", "logit_scale"))}
     save_file(short, tmp_path / "short.safetensors")
     checkpoint = read_checkpoint(tmp_path / "short.safetensors")
     assert checkpoint.configs["text_encoder"]["num_hidden_layers"] == 23 and checkpoint.extras == {}
@@ -195,9 +195,30 @@ def test_v_prediction_markers_and_sidecars(tmp_path):
     # Loading it as a base model: markers set the expectations, the tokenizer is SD 2's.
     parts = load_components(files[0], "v_prediction", zero_terminal_snr=True)
     assert parts.base_model_version == "sd_v2" and parts.tokenizer.pad_token == "!" and parts.tokenizer.pad_token_id == 0
-    assert parts.noise_scheduler.config.prediction_type == "v_prediction" and len(parts.ldm_extras) == 13
+    assert parts.noise_scheduler.config.prediction_type == "v_prediction" and len(parts.ldm_extras) == 14
     with pytest.raises(ValueError, match="set model.prediction_type: v_prediction"):
         load_components(files[0], "epsilon", zero_terminal_snr=False)
+
+
+def test_sd2_files_carry_logit_scale(tmp_path):
+    """SD 2.1's file has OpenCLIP's logit_scale, which A1111's loader fills: written from a diffusers
+    model it is CLIP's trained ln(100); read from a file, the file's own value goes back unchanged."""
+    import math
+
+    from sdtune.tiny import reduced_sd
+
+    key = "cond_stage_model.model.logit_scale"
+    unet, vae, text_encoder = reduced_sd("sd_v2")
+    tensors = ldm_tensors(unet, vae, text_encoder, "sd_v2", torch.float32)
+    assert tensors[key].shape == () and tensors[key].item() == pytest.approx(math.log(100.0))
+    tensors[key] = torch.tensor(4.25)  # a base model's own value
+    save_file(tensors, tmp_path / "base.safetensors")
+    checkpoint = read_checkpoint(tmp_path / "base.safetensors")
+    assert checkpoint.extras[key].item() == 4.25
+    rewritten = ldm_tensors(*build_models(checkpoint), "sd_v2", torch.float32, extras=checkpoint.extras)
+    assert rewritten[key].item() == 4.25 and rewritten.keys() == tensors.keys()
+    # The SD 1 text encoder (CLIP ViT-L in transformers names) has no such tensor.
+    assert not any(k.endswith("logit_scale") for k in ldm_tensors(*reduced_sd("sd_v1"), "sd_v1", torch.float32))
 
 
 def test_sd1_v_prediction_sidecar_is_v1_inference_with_v():

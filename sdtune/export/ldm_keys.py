@@ -16,6 +16,7 @@ Where the two layouts differ by more than a name:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,9 @@ OPENCLIP_LAYER = {
     "self_attn.out_proj": "attn.out_proj",
 }
 OPENCLIP_FUSED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # -> attn.in_proj_{weight,bias}, in this order
+# OpenCLIP's logit_scale after training: ln(100), where CLIP clamps it. No SD model
+# uses it, but the original files carry it (SD 2's and SDXL's) and loaders expect it.
+LOGIT_SCALE = math.log(100.0)
 OPENCLIP_RESBLOCK_TENSORS = (
     "ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
     "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
@@ -227,11 +231,12 @@ def clip_from_ldm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(CLIP_PREFIX): v for k, v in tensors.items() if not k.endswith("embeddings.position_ids")}
 
 
-def openclip_to_ldm(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP names, q/k/v fused into ``in_proj`` (rows q, then k, then v)."""
-    out = {OPENCLIP_PREFIX + c: tensors[d] for d, c in OPENCLIP_TOP.items()}
+def openclip_to_ldm(tensors: dict[str, torch.Tensor], num_layers: int, prefix: str = OPENCLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SD 2.x (and SDXL's second encoder, under its own ``prefix``): OpenCLIP names,
+    q/k/v fused into ``in_proj`` (rows q, then k, then v)."""
+    out = {prefix + c: tensors[d] for d, c in OPENCLIP_TOP.items()}
     for n in range(num_layers):
-        src, dst = f"encoder.layers.{n}.", f"{OPENCLIP_PREFIX}transformer.resblocks.{n}."
+        src, dst = f"encoder.layers.{n}.", f"{prefix}transformer.resblocks.{n}."
         for d, c in OPENCLIP_LAYER.items():
             for kind in ("weight", "bias"):
                 out[f"{dst}{c}.{kind}"] = tensors[f"{src}{d}.{kind}"]
@@ -239,13 +244,13 @@ def openclip_to_ldm(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[s
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat([tensors[f"{src}{p}.{kind}"] for p in OPENCLIP_FUSED])
     expected = 4 + num_layers * 16
     if len(tensors) != expected:
-        raise KeyError(f"SD 2 text encoder has {len(tensors)} tensors, the OpenCLIP map covers {expected}")
+        raise KeyError(f"OpenCLIP text encoder has {len(tensors)} tensors, the map covers {expected}")
     return out
 
 
-def openclip_from_ldm(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+def openclip_from_ldm(tensors: dict[str, torch.Tensor], num_layers: int, prefix: str = OPENCLIP_PREFIX) -> dict[str, torch.Tensor]:
     """The first ``num_layers`` resblocks as transformers CLIP names (see ``openclip_extras`` for the rest)."""
-    t = {k.removeprefix(OPENCLIP_PREFIX): v for k, v in tensors.items()}
+    t = {k.removeprefix(prefix): v for k, v in tensors.items()}
     out = {d: t[c] for d, c in OPENCLIP_TOP.items()}
     for n in range(num_layers):
         src, dst = f"transformer.resblocks.{n}.", f"encoder.layers.{n}."
@@ -266,7 +271,9 @@ def openclip_extras(num_layers: int, hidden: int, intermediate: int, dtype: torc
     ``text_projection`` are loaded by the UIs but never run. They are written
     as an identity resblock (zero output projections: the residual passes
     through) and an identity projection, so the file has the key set the UIs
-    expect and nothing in it is random.
+    expect and nothing in it is random. ``logit_scale`` (CLIP's contrastive
+    temperature, which A1111's loader fills from the file) gets the value CLIP
+    training ends at, ln 100 (it is clamped there).
     """
     block = f"{OPENCLIP_PREFIX}transformer.resblocks.{num_layers}."
     zeros = {
@@ -279,4 +286,5 @@ def openclip_extras(num_layers: int, hidden: int, intermediate: int, dtype: torc
     out = {block + name: torch.zeros(shape, dtype=dtype) for name, shape in zeros.items()}
     out |= {block + name: torch.ones(hidden, dtype=dtype) for name in ("ln_1.weight", "ln_2.weight")}
     out[f"{OPENCLIP_PREFIX}text_projection"] = torch.eye(hidden, dtype=dtype)
+    out[f"{OPENCLIP_PREFIX}logit_scale"] = torch.tensor(LOGIT_SCALE, dtype=dtype)
     return out
