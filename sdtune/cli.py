@@ -15,7 +15,7 @@ from pathlib import Path
 from sdtune.errors import run_command, take_debug_flag
 from sdtune.recipe import PREDICTION_ALIASES, Recipe, load_recipe
 
-TINY_ARCHES = {"sd1": "sd_v1", "sd2": "sd_v2"}
+TINY_ARCHES = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("dir", help="folder to create")
     tiny.add_argument("--prediction-type", "--prediction", dest="prediction", choices=sorted(PREDICTION_ALIASES), default="epsilon",
                       help="prediction type of its scheduler (model.prediction_type; eps and v are short forms)")
-    tiny.add_argument("--arch", choices=sorted(TINY_ARCHES), default="sd1", help="block layout and text encoder of SD 1.x or SD 2.x")
+    tiny.add_argument("--arch", choices=sorted(TINY_ARCHES), default="sd1", help="block layout and text encoder(s) of SD 1.x, SD 2.x or SDXL")
     tiny.add_argument("--seed", type=int, default=0)
 
     commands.add_parser("train", help="train from a recipe (sdtune/train.py)", add_help=False)

@@ -34,7 +34,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token=pad_token)
 
 
-ARCHES = ("sd_v1", "sd_v2")
+ARCHES = ("sd_v1", "sd_v2", "sdxl_base_v1-0")
 TINY_WIDTHS = (32, 64, 64)
 
 
@@ -113,6 +113,8 @@ def make_tiny(out_dir: str | Path, prediction_type: str = "epsilon", seed: int =
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHES)}")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder")
+    if arch == "sdxl_base_v1-0":
+        return _write_pipeline(tiny_sdxl_pipeline(prediction_type, seed), out_dir, ("tokenizer", "tokenizer_2"))
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(),
@@ -124,14 +126,19 @@ def make_tiny(out_dir: str | Path, prediction_type: str = "epsilon", seed: int =
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return _write_pipeline(pipe, out_dir, ("tokenizer",))
+
+
+def _write_pipeline(pipe, out_dir: Path, tokenizers: tuple[str, ...]) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.tmp_beside(out_dir)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers >= 5 writes only tokenizer.json; kohya and transformers 4
         # read vocab.json + merges.txt, so write the portable pair too.
-        for name in TOKENIZER_FILES:
-            shutil.copy(CLIP_BPE_DIR / name, tmp / "tokenizer" / name)
+        for folder in tokenizers:
+            for name in TOKENIZER_FILES:
+                shutil.copy(CLIP_BPE_DIR / name, tmp / folder / name)
         atomic.publish_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -173,3 +180,72 @@ def reduced_sd(version: str, seed: int = 0):
             for p in model.parameters():
                 p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.ndim == 1 and (p == 1).all() else 0.0))
     return unet.eval(), vae.eval(), text_encoder.eval()
+
+
+# SDXL at reduced width: the real block layout (three levels, two resnets each, no
+# attention at the first), transformer depths 2 and 10 (and 10 in the middle), CLIP-L's
+# 12 and bigG's 32 text-encoder layers; two encoder widths, so a swap cannot go unseen.
+SDXL_WIDTHS = {
+    "unet": {"block_out_channels": [32, 64, 64], "addition_time_embed_dim": 8},
+    "vae": {"block_out_channels": [32, 64, 64, 64]},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 128},
+    "text_encoder_2": {"hidden_size": 64, "intermediate_size": 256, "projection_dim": 64},
+}
+
+
+def reduced_sdxl(seed: int = 0, randomise: bool = True):
+    """``(unet, vae, text_encoder, text_encoder_2)`` with SDXL 1.0's topology at reduced width.
+
+    Built from the shipped ``configs/sdxl.json`` with only the widths reduced (64-channel
+    heads, at least one). ``randomise`` draws every tensor, norms too, as ``reduced_sd`` does.
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    from sdtune.export.checkpoint import base_config
+
+    configs = base_config("sdxl_base_v1-0")
+    te1 = configs["text_encoder"] | SDXL_WIDTHS["text_encoder"]
+    te2 = configs["text_encoder_2"] | SDXL_WIDTHS["text_encoder_2"]
+    for config in (te1, te2):
+        config["num_attention_heads"] = max(1, config["hidden_size"] // 64)
+    unet_config = configs["unet"] | SDXL_WIDTHS["unet"]
+    widths = unet_config["block_out_channels"]
+    unet_config |= {
+        "attention_head_dim": [max(1, w // 64) for w in widths],
+        # The UNet attends to both encoders' penultimate states side by side, and its
+        # add_embedding reads bigG's pooled projection and the six size/crop numbers.
+        "cross_attention_dim": te1["hidden_size"] + te2["hidden_size"],
+        "projection_class_embeddings_input_dim": te2["projection_dim"] + 6 * unet_config["addition_time_embed_dim"],
+    }
+    torch.manual_seed(seed)
+    models = (
+        UNet2DConditionModel.from_config(unet_config),
+        AutoencoderKL.from_config(configs["vae"] | SDXL_WIDTHS["vae"]),
+        CLIPTextModel(CLIPTextConfig(**te1)),
+        CLIPTextModelWithProjection(CLIPTextConfig(**te2)),
+    )
+    if randomise:
+        with torch.no_grad():
+            for model in models:
+                for p in model.parameters():
+                    p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.ndim == 1 and (p == 1).all() else 0.0))
+    return tuple(model.eval() for model in models)
+
+
+def tiny_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A StableDiffusionXLPipeline of ``reduced_sdxl`` models, SDXL's tokenizers and Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from sdtune.export.checkpoint import base_config
+
+    configs = base_config("sdxl_base_v1-0")
+    unet, vae, text_encoder, text_encoder_2 = reduced_sdxl(seed, randomise=False)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(configs["tokenizer"]["pad_token"]),
+        tokenizer_2=clip_tokenizer(configs["tokenizer_2"]["pad_token"]),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"], prediction_type=prediction_type),
+    )

@@ -98,3 +98,44 @@ def test_make_tiny_sd2_is_an_sd2_model_everywhere(tmp_path):
     from sdtune.tiny import make_tiny
 
     assert load_components(make_tiny(tmp_path / "sd1", "epsilon"), "epsilon", False).base_model_version == "sd_v1"
+
+
+def test_make_tiny_sdxl_has_sdxl_topology_and_generates(tmp_path, capsys):
+    """--arch sdxl: the real SDXL 1.0 block layout and depths at reduced width, two text encoders
+    and tokenizers, loadable by diffusers' StableDiffusionXLPipeline, which generates with it."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from sdtune.cli import main
+    from sdtune.data.captions import tokenize
+    from sdtune.sdxl import is_sdxl, load_sdxl_components
+
+    out = tmp_path / "tiny-sdxl"
+    assert main(["make-tiny", str(out), "--arch", "sdxl", "--prediction-type", "v"]) == 0
+    assert str(out) in capsys.readouterr().out
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    unet = pipe.unet
+    assert list(unet.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert unet.config.addition_embed_type == "text_time" and len(unet.config.block_out_channels) == 3
+    # SDXL's transformer depths: none at the first level, 2 at the second, 10 at the third and in the middle.
+    depths = [[len(a.transformer_blocks) for a in getattr(b, "attentions", [])] for b in unet.down_blocks]
+    assert depths == [[], [2, 2], [10, 10]] and len(unet.mid_block.attentions[0].transformer_blocks) == 10
+    assert [len(a.transformer_blocks) for a in unet.up_blocks[0].attentions] == [10, 10, 10]
+    assert [len(r) for r in (unet.down_blocks[0].resnets, unet.up_blocks[2].resnets)] == [2, 3]
+    assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert (pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers) == (12, 32)
+    assert (pipe.text_encoder.config.hidden_act, pipe.text_encoder_2.config.hidden_act) == ("quick_gelu", "gelu")
+    assert unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.vae.config.scaling_factor == 0.13025
+    # tokenizer pads with <|endoftext|>, tokenizer_2 with "!" (id 0), as SDXL's do; the portable BPE files are there.
+    assert tokenize(pipe.tokenizer, ["a photo of a cat"])[0, 7:].eq(49407).all()
+    assert tokenize(pipe.tokenizer_2, ["a photo of a cat"])[0, 7:].eq(0).all()
+    assert (out / "tokenizer_2" / "vocab.json").is_file() and (out / "tokenizer_2" / "merges.txt").is_file()
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+    assert is_sdxl(out) and not is_sdxl(tmp_path)
+    parts = load_sdxl_components(out, "v_prediction", zero_terminal_snr=False)
+    assert parts.base_model_version == "sdxl_base_v1-0" and parts.tokenizer_2.pad_token == "!"
+    assert torch.equal(parts.unet.state_dict()["add_embedding.linear_1.weight"], unet.state_dict()["add_embedding.linear_1.weight"])

@@ -23,7 +23,7 @@ import sdtune
 from sdtune import atomic
 from sdtune.export import ldm_keys as keys
 from sdtune.export.markers import flags_from_file
-from sdtune.export.metadata import MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION
+from sdtune.export.metadata import MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION, SDXL
 from sdtune.export.sidecars import a1111_yaml, comfyui_workflow
 from sdtune.weight_files import read_weights as read_tensors  # the one loading policy (pickles need permission)
 
@@ -40,8 +40,8 @@ HIDDEN_FIELDS = {
 class Checkpoint:
     """A single-file checkpoint as diffusers state dicts and configs."""
 
-    version: str  # "sd_v1" | "sd_v2"
-    configs: dict[str, dict]  # unet, vae, text_encoder, scheduler, tokenizer
+    version: str  # "sd_v1" | "sd_v2" | "sdxl_base_v1-0"
+    configs: dict[str, dict]  # unet, vae, text_encoder, scheduler, tokenizer (SDXL: also text_encoder_2, tokenizer_2)
     unet: dict[str, torch.Tensor]
     vae: dict[str, torch.Tensor]
     text_encoder: dict[str, torch.Tensor]
@@ -52,10 +52,15 @@ class Checkpoint:
     zero_terminal_snr: bool | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)  # tensors not used (EMA copies, schedule buffers, ...)
+    text_encoder_2: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL's OpenCLIP bigG
+
+
+# Shipped config file of each version (kohya's names; SDXL's file is sdxl.json).
+CONFIG_FILES = {"sd_v1": "sd_v1.json", "sd_v2": "sd_v2.json", SDXL: "sdxl.json"}
 
 
 def base_config(version: str) -> dict[str, dict]:
-    configs = json.loads((CONFIG_DIR / f"{version}.json").read_text(encoding="utf-8"))
+    configs = json.loads((CONFIG_DIR / CONFIG_FILES[version]).read_text(encoding="utf-8"))
     configs.pop("_comment")
     return configs
 
@@ -80,6 +85,11 @@ def split_ldm(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str
         else:
             ignored.append(key)
     te = parts["text_encoder"]
+    if not te and any(k.startswith("conditioner.embedders.") for k in ignored):
+        raise ValueError(
+            "this is an SDXL-family checkpoint (conditioner.embedders.*): `sdtune inspect` and `sdtune export` read "
+            "it; training on it is not wired in yet (use an SD 1.x/2.x base)"
+        )
     if any(k.startswith(keys.OPENCLIP_PREFIX) for k in te):
         version = "sd_v2"
     elif any(k.startswith(keys.CLIP_PREFIX) for k in te):
@@ -121,19 +131,7 @@ def configs_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], predic
         "attention_head_dim": 8 if version == "sd_v1" else [max(1, w // 64) for w in widths],
         "sample_size": 96 if (version, prediction_type) == ("sd_v2", "v_prediction") else 64,
     }
-    v = {k.removeprefix(keys.VAE_PREFIX): s for k, s in shapes.items() if k.startswith(keys.VAE_PREFIX)}
-    vae_levels = 1 + max(int(k.split(".")[2]) for k in v if k.startswith("encoder.down."))
-    vae_layers = 1 + max(int(k.split(".")[4]) for k in v if k.startswith("encoder.down.0.block."))
-    configs["vae"] |= {
-        "in_channels": v["encoder.conv_in.weight"][1],
-        "out_channels": v["decoder.conv_out.weight"][0],
-        "latent_channels": v["post_quant_conv.weight"][0],
-        "block_out_channels": [v[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(vae_levels)],
-        "layers_per_block": vae_layers,
-        "down_block_types": ["DownEncoderBlock2D"] * vae_levels,
-        "up_block_types": ["UpDecoderBlock2D"] * vae_levels,
-        "sample_size": 8 * unet["sample_size"],
-    }
+    configs["vae"] |= vae_fields_from_shapes(shapes, 8 * unet["sample_size"])
     t = {k: s for k, s in shapes.items() if k.startswith(("cond_stage_model.",))}
     if version == "sd_v1":
         p = keys.CLIP_PREFIX
@@ -159,6 +157,23 @@ def configs_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], predic
         "num_attention_heads": max(1, hidden // 64),
     }
     return configs
+
+
+def vae_fields_from_shapes(shapes: dict[str, tuple[int, ...]], sample_size: int) -> dict:
+    """The VAE config fields the LDM VAE tensor ``shapes`` (full keys) show; SD and SDXL share the layout."""
+    v = {k.removeprefix(keys.VAE_PREFIX): s for k, s in shapes.items() if k.startswith(keys.VAE_PREFIX)}
+    vae_levels = 1 + max(int(k.split(".")[2]) for k in v if k.startswith("encoder.down."))
+    vae_layers = 1 + max(int(k.split(".")[4]) for k in v if k.startswith("encoder.down.0.block."))
+    return {
+        "in_channels": v["encoder.conv_in.weight"][1],
+        "out_channels": v["decoder.conv_out.weight"][0],
+        "latent_channels": v["post_quant_conv.weight"][0],
+        "block_out_channels": [v[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(vae_levels)],
+        "layers_per_block": vae_layers,
+        "down_block_types": ["DownEncoderBlock2D"] * vae_levels,
+        "up_block_types": ["UpDecoderBlock2D"] * vae_levels,
+        "sample_size": sample_size,
+    }
 
 
 def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:

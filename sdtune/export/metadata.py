@@ -7,13 +7,22 @@ import json
 
 import sdtune
 
-# modelspec (Stability AI's model metadata spec), as kohya writes it for SD 1.x/2.x
-# (a LoRA's architecture adds "/lora").
+# kohya's ss_base_model_version for SDXL 1.0-family models, and sdtune's name for the version.
+SDXL = "sdxl_base_v1-0"
+# modelspec (Stability AI's model metadata spec), as kohya writes it for SD 1.x/2.x and
+# SDXL (a LoRA's architecture adds "/lora"; SDXL says v-prediction in prediction_type only).
 MODELSPEC_ARCHITECTURE = {
     ("sd_v1", "epsilon"): "stable-diffusion-v1",
     ("sd_v1", "v_prediction"): "stable-diffusion-v1",
     ("sd_v2", "epsilon"): "stable-diffusion-v2-512",
     ("sd_v2", "v_prediction"): "stable-diffusion-v2-768-v",
+    (SDXL, "epsilon"): "stable-diffusion-xl-v1-base",
+    (SDXL, "v_prediction"): "stable-diffusion-xl-v1-base",
+}
+MODELSPEC_IMPLEMENTATION = {
+    "sd_v1": "https://github.com/Stability-AI/stablediffusion",
+    "sd_v2": "https://github.com/Stability-AI/stablediffusion",
+    SDXL: "https://github.com/Stability-AI/generative-models",
 }
 MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
 
