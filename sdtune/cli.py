@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="prediction type of its scheduler (model.prediction_type; eps and v are short forms)")
     tiny.add_argument("--arch", choices=sorted(TINY_ARCHES), default="sd1", help="block layout and text encoder(s) of SD 1.x, SD 2.x or SDXL")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--trained", action="store_true",
+                      help="train it from scratch on the generated world of the sample (sdtune/tiny_base.py; ~15 min on one CPU core)")
+    tiny.add_argument("--images", type=int, default=2000, help="with --trained: generated training images")
+    tiny.add_argument("--vae-steps", type=int, default=2000, help="with --trained: VAE training steps")
+    tiny.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="with --trained: override a field of recipes/tiny_base.yaml, e.g. train.max_steps=500")
 
     commands.add_parser("train", help="train from a recipe (sdtune/train.py)", add_help=False)
     commands.add_parser("sample", help="generate images, X/Y grids and base-vs-fine-tune comparisons", add_help=False)
@@ -89,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("make-tiny", "export"):
         _quiet_saving()
+    if args.command == "make-tiny" and args.trained:
+        from sdtune.tiny_base import build_trained_base
+
+        return run_command(lambda: print(build_trained_base(args.dir, args.seed, args.images, args.vae_steps, args.overrides, arch=TINY_ARCHES[args.arch])))
     if args.command == "make-tiny":
         from sdtune.tiny import make_tiny
 

@@ -1,0 +1,106 @@
+"""The tiny base trained from scratch: VAE training, the build command (a short version), and
+the recipe it runs. The shipped weights' drawing is judged in tests/test_tiny_base_draws.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from sdtune import world
+from sdtune.recipe import load_recipe
+from sdtune.tiny_base import BUILD_FILE, tiny_base_vae
+from sdtune.vae_training import evaluate_vae, load_images, train_vae
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = world.write_dataset(tmp_path_factory.mktemp("world") / "data", world.scenes(48, 1))
+    return load_images(folder, world.SIDE)
+
+
+def test_vae_training_lowers_reconstruction_error_and_sets_the_scaling_factor(images):
+    torch.manual_seed(0)
+    vae = tiny_base_vae()
+    before, _, _ = evaluate_vae(vae.eval(), images, "cpu")
+    report = train_vae(vae, images, steps=60, batch_size=8, seed=0, log_every=0)
+    assert report.reconstruction < 0.92 * before, (before, report.reconstruction)
+    # Latents scaled by the stored factor have unit variance, as the diffusion model expects.
+    with torch.no_grad():
+        latents = vae.encode(images.float() / 127.5 - 1).latent_dist.mean
+    assert vae.config.scaling_factor == pytest.approx(report.scaling_factor)
+    assert (latents * vae.config.scaling_factor).std().item() == pytest.approx(1.0, rel=1e-3)
+    # The same seed trains the same VAE.
+    first, again = [], []
+    for out in (first, again):
+        torch.manual_seed(1)
+        model = tiny_base_vae()
+        train_vae(model, images, steps=4, batch_size=4, seed=1, log_every=0)
+        out += list(model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_vae_training_refuses_images_of_another_size(tmp_path):
+    world.write_dataset(tmp_path / "d", world.scenes(2, 0))
+    with pytest.raises(ValueError, match="trains on 32x32 images"):
+        load_images(tmp_path / "d", 32)
+
+
+def test_the_base_recipe_trains_from_scratch_with_the_issues_machinery():
+    recipe = load_recipe(ROOT / "recipes" / "tiny_base.yaml")
+    assert recipe.train.method == "full" and recipe.train.full_text_encoder
+    assert recipe.ema.enabled and recipe.data.caption_dropout > 0 and recipe.train.lr_scheduler == "one_cycle"
+    assert recipe.preview.prompts and recipe.data.validation_split > 0
+    assert set(recipe.export.formats) == {"diffusers", "single_file"}
+
+
+def test_short_build_writes_a_model_that_diffusers_loads(tmp_path, capsys):
+    """`sdtune make-tiny DIR --trained` end to end, at a size CI affords: data, VAE, the
+    UNet and text encoder from their random start through the normal trainer, report."""
+    from sdtune.cli import main
+
+    out = tmp_path / "base"
+    code = main(["make-tiny", str(out), "--trained", "--images", "24", "--vae-steps", "6", "--seed", "3",
+                 "--set", "train.max_steps=6", "--set", "train.batch_size=4", "--set", "data.validation_split=4",
+                 "--set", "train.lr_warmup_steps=2", "--set", "validation.every_steps=3", "--set", "preview.every_steps=3",
+                 "--set", "preview.steps=2", "--set", "train.log_every=3"])
+    assert code == 0, capsys.readouterr().err
+    build = out.with_name("base-build")
+    record = json.loads((out / BUILD_FILE).read_text())
+    assert (record["seed"], record["images"], record["vae_steps"], record["unet_steps"]) == (3, 24, 6, 6)
+    assert record["recipe"]["train"]["method"] == "full" and record["seconds"]["total_s"] > 0
+    report = (build / "tiny-base.report.html").read_text()
+    assert "validation" in report.lower() and (build / "previews").is_dir()
+    assert (build / "tiny-base.safetensors").is_file()  # the single file, for the UIs
+
+    # Trained from the random start: every UNet and text-encoder tensor moved; the VAE is the trained one.
+    start, result = build / "start", out
+    for part in ("unet", "text_encoder"):
+        before = load_file(next((start / part).glob("*.safetensors")))
+        after = load_file(next((result / part).glob("*.safetensors")))
+        moved = [k for k in before if not torch.equal(before[k].half(), after[k].half())]
+        assert len(moved) > 0.9 * len(before), part
+    vae_config = json.loads((result / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] == pytest.approx(record["vae"]["scaling_factor"], rel=1e-6)
+    assert vae_config["scaling_factor"] != 0.18215
+
+    pipe = StableDiffusionPipeline.from_pretrained(result, safety_checker=None, dtype=torch.float32)
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_build_mistakes_are_one_paragraph(tmp_path, capsys):
+    from sdtune.cli import main
+
+    (tmp_path / "there").mkdir()
+    assert main(["make-tiny", str(tmp_path / "there"), "--trained"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["make-tiny", str(tmp_path / "x"), "--trained", "--set", "train.max_step=3"]) == 2
+    assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+    assert main(["make-tiny", str(tmp_path / "y"), "--trained", "--arch", "sd2"]) == 2
+    assert "SD 1.x-kind base only" in capsys.readouterr().err
