@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     lora.add_argument("src")
     lora.add_argument("out", help="the kohya .safetensors to write")
     lora.add_argument("--alpha", type=float, help="the lora_alpha it was trained with (default: from adapter_config.json or the file's metadata, else the rank)")
-    lora.add_argument("--base-version", choices=["sd_v1", "sd_v2"], help="SD version it was trained on (default: from its shapes)")
+    lora.add_argument("--base-version", choices=["sd_v1", "sd_v2", "sdxl_base_v1-0"], help="SD version it was trained on (default: from its shapes)")
     merge = kinds.add_parser("merge", help="kohya LoRA merged into a base model -> single-file checkpoint")
     merge.add_argument("lora")
     merge.add_argument("out", help="the single-file .safetensors to write")

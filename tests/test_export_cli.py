@@ -114,3 +114,79 @@ def test_inspect_warns_about_what_the_uis_drop(tmp_path, capsys):
     assert "base model: SD 2.x" in report  # from the 1024-wide cross-attention
     for expected in ("no ss_v2 metadata", "named lora_te1_", "only part of q/k/v/out_proj", "have no .alpha", "1 stray tensor(s)"):
         assert expected in report, expected
+
+
+def test_sdxl_files_through_export_and_inspect(tmp_path, capsys):
+    """SDXL end to end on the command line: a diffusers folder -> SGM single file (markers, no sidecars)
+    -> diffusers -> SGM again, bit-exact; a PEFT LoRA of all three models -> kohya SDXL names -> merged
+    into the base, equal to the LoRA model; inspect names each file SDXL and finds nothing wrong."""
+    import json
+
+    from transformers import CLIPTextModelWithProjection
+
+    from sdtune.export.sgm_checkpoint import build_sdxl_models, read_sgm_checkpoint
+    from sdtune.tiny import make_tiny
+    from test_sdxl import unet_output
+
+    tiny = make_tiny(tmp_path / "tiny-sdxl", "epsilon", arch="sdxl_base_v1-0")
+    single = tmp_path / "xl.safetensors"
+    assert main(["export", "checkpoint", str(tiny), str(single), "--dtype", "fp32", "--prediction-type", "v", "--zero-terminal-snr"]) == 0
+    assert capsys.readouterr().out.strip() == f"sdtune: wrote {single}"  # SDXL: the markers are enough, no sidecars
+    written = load_file(single)
+    assert written["v_pred"].numel() == 0 and "ztsnr" in written and "conditioner.embedders.1.model.logit_scale" in written
+    assert main(["inspect", str(single)]) == 0
+    report = capsys.readouterr().out
+    assert "single-file SGM (SDXL) checkpoint" in report and "SDXL 1.0 family" in report and "warning" not in report, report
+    assert "transformer depths [0, 2, 10]" in report and "OpenCLIP bigG 32 layers" in report
+    assert "v_pred marker makes them run it as v-prediction (ComfyUI with zero terminal SNR" in report
+
+    back = tmp_path / "back"
+    assert main(["export", "diffusers", str(single), str(back), "--dtype", "fp32"]) == 0
+    scheduler = json.loads((back / "scheduler" / "scheduler_config.json").read_text())
+    assert json.loads((back / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"]
+    again = tmp_path / "again.safetensors"
+    assert main(["export", "checkpoint", str(back), str(again), "--dtype", "fp32"]) == 0
+    rewritten = load_file(again)
+    assert rewritten.keys() == written.keys() and all(torch.equal(rewritten[k], written[k]) for k in written)
+
+    # A diffusers-layout LoRA of the UNet and both encoders, alpha 2 != rank 4.
+    unet = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet")
+    te2 = CLIPTextModelWithProjection.from_pretrained(tiny, subfolder="text_encoder_2")
+    add_lora(unet, rank=4, alpha=2.0, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "linear_1"])
+    add_lora(te2, rank=4, alpha=2.0, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])
+    with torch.no_grad():
+        for name, p in [*unet.named_parameters(), *te2.named_parameters()]:
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, save_embedding_layers=False).items()}
+    state |= {f"text_encoder_2.{k}": v for k, v in get_peft_model_state_dict(te2, save_embedding_layers=False).items()}
+    peft_file = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(state, peft_file)
+    kohya = tmp_path / "xl-lora.safetensors"
+    assert main(["export", "lora", str(peft_file), str(kohya), "--alpha", "2", "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    tensors, metadata = load_file(kohya), safe_metadata(kohya)
+    names = {k.split(".", 1)[0] for k in tensors}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names and "lora_unet_label_emb_0_0" in names
+    assert "lora_te2_text_model_encoder_layers_31_mlp_fc1" in names and not any(n.startswith(("lora_te_", "lora_te1_")) for n in names)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert main(["inspect", str(kohya)]) == 0
+    report = capsys.readouterr().out
+    assert "base model: SDXL 1.0 family" in report and "warning" not in report, report
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["export", "merge", str(kohya), str(merged), "--base", str(tiny), "--dtype", "fp32"]) == 0
+    merged_unet, _, _, merged_te2 = build_sdxl_models(read_sgm_checkpoint(merged))
+    torch.testing.assert_close(unet_output(merged_unet), unet_output(unet), rtol=0, atol=1e-5)
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70])
+    with torch.no_grad():
+        torch.testing.assert_close(merged_te2(ids).text_embeds, te2(ids).text_embeds, rtol=0, atol=1e-5)
+
+
+def safe_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()

@@ -37,7 +37,28 @@ def save_diffusers_folder(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out = Path(out)
+    return _publish(pipe, Path(out))
+
+
+def save_sdxl_diffusers_folder(out: Path, parts, dtype: torch.dtype = torch.float16) -> Path:
+    """Write SDXL components (``sdxl.SdxlComponents``) as a StableDiffusionXLPipeline folder, weights
+    in ``dtype``, with SDXL's Euler scheduler at the training's prediction type and terminal SNR."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=copy.deepcopy(parts.vae).to(dtype),
+        text_encoder=copy.deepcopy(parts.text_encoder).to(dtype),
+        text_encoder_2=copy.deepcopy(parts.text_encoder_2).to(dtype),
+        tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2,
+        unet=copy.deepcopy(parts.unet).to(dtype),
+        scheduler=EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
+    )
+    return _publish(pipe, Path(out))
+
+
+def _publish(pipe, out: Path) -> Path:
+    """Save the pipeline beside ``out`` and swap it in whole, with the marker that says it is sdtune's."""
     tmp = atomic.tmp_beside(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -15,6 +15,8 @@ from sdtune.export import ldm_keys
 from sdtune.export.checkpoint import configs_from_shapes, read_tensors, split_ldm
 from sdtune.export.kohya import PEFT_KEY, partial_sd2_attention
 from sdtune.export.markers import flags_from_file
+from sdtune.export.metadata import SDXL
+from sdtune.export.sgm_checkpoint import configs_from_sgm_shapes, is_sgm, split_sgm
 
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
@@ -43,6 +45,8 @@ def inspect_file(path: str | Path, allow_pickle: bool = False) -> Report:
     tensors, metadata = read_tensors(path, allow_pickle)
     if any("lora_" in key for key in tensors):
         return _lora_report(path, tensors, metadata)
+    if is_sgm(tensors):
+        return _sdxl_checkpoint_report(path, tensors, metadata)
     return _checkpoint_report(path, tensors, metadata)
 
 
@@ -61,7 +65,7 @@ def _lora_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     fmt = "kohya" if layers and not peft_layers else "PEFT/diffusers (dotted names)" if peft_layers and not layers else "mixed kohya + PEFT"
     report.lines += [
         f"{path.name}: LoRA, {fmt} keys, {len(layers) + len(peft_layers)} layers",
-        f"base model: {_VERSION_NAMES.get(version, 'unknown (SD 1 or SD 2?)')}",
+        f"base model: {_VERSION_NAMES.get(version, 'unknown (SD 1, SD 2 or SDXL?)')}",
         f"prediction type: {metadata.get('modelspec.prediction_type', 'not stated')}"
         + (f", zero terminal SNR: {metadata['sdtune.zero_terminal_snr']}" if "sdtune.zero_terminal_snr" in metadata else ""),
     ]
@@ -93,6 +97,16 @@ def _lora_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         report.warnings.append(f"{len(no_alpha)} layers have no .alpha (e.g. {no_alpha[0]}): the UIs then scale by 1.0 (alpha = rank), whatever alpha it was trained with")
     if "ss_v2" not in metadata:
         report.warnings.append("no ss_v2 metadata: A1111 treats the LoRA as SD 1 and hides it while an SD 2 model is loaded")
+    if version == SDXL:
+        te = [n for n in layers if n.startswith("lora_te_")]
+        if te:
+            report.warnings.append(f"{len(te)} text-encoder layers are named lora_te_ (e.g. {te[0]}): A1111 drops them on SDXL; use lora_te1_ (CLIP-L) and lora_te2_ (bigG)")
+        partial = partial_sd2_attention(layers, "lora_te2_")
+        if partial:
+            report.warnings.append(f"SDXL bigG (lora_te2_) with only part of q/k/v/out_proj adapted ({'; '.join(partial[:3])}): A1111 applies none of that layer's attention")
+        upsamplers = [n for n in layers if re.fullmatch(r"lora_unet_up_blocks_\d+_upsamplers_0_conv", n)]
+        if upsamplers:
+            report.warnings.append(f"{upsamplers[0]} (diffusers name of an SDXL upsampler): A1111 maps it to the wrong block and drops it; kohya's SGM names (lora_unet_output_blocks_*) load everywhere")
     if version == "sd_v2":
         te1 = [n for n in layers if n.startswith("lora_te1_")]
         if te1:
@@ -151,18 +165,24 @@ _ZERO_WHY = {
 }
 
 
-_VERSION_NAMES = {"sd_v1": "SD 1.x (CLIP ViT-L, 768-d context)", "sd_v2": "SD 2.x (OpenCLIP ViT-H, 1024-d context)"}
+_VERSION_NAMES = {
+    "sd_v1": "SD 1.x (CLIP ViT-L, 768-d context)",
+    "sd_v2": "SD 2.x (OpenCLIP ViT-H, 1024-d context)",
+    SDXL: "SDXL 1.0 family (CLIP ViT-L + OpenCLIP ViT-bigG, 2048-d context)",
+}
 
 
 def _lora_version(layers, peft_layers, tensors, metadata) -> str | None:
-    if metadata.get("ss_base_model_version") in ("sd_v1", "sd_v2"):
+    if metadata.get("ss_base_model_version") in _VERSION_NAMES:
         return metadata["ss_base_model_version"]
+    if metadata.get("ss_base_model_version", "").startswith("sdxl") or any(n.startswith("lora_te2_") for n in layers):
+        return SDXL
     if "ss_v2" in metadata:
         return "sd_v2" if metadata["ss_v2"] == "True" else "sd_v1"
     # The cross-attention key/value projections read the text encoder's width.
     for key, value in tensors.items():
         if re.search(r"attn2[._]to_[kv]", key) and ("lora_down" in key or "lora_A" in key):
-            return {768: "sd_v1", 1024: "sd_v2"}.get(value.shape[1])
+            return {768: "sd_v1", 1024: "sd_v2", 2048: SDXL}.get(value.shape[1])
     return None
 
 
@@ -210,6 +230,50 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: d
         report.warnings.append(
             "SD 2 with no prediction-type marker: ComfyUI guesses eps/v from the weights and A1111 from a test run; "
             "`sdtune export checkpoint --prediction-type v|eps` rewrites it with markers"
+        )
+    return report
+
+
+def _sdxl_checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Report:
+    report = Report()
+    parts, ignored = split_sgm(tensors)
+    prediction, ztsnr = flags_from_file(path, set(parts["markers"]), metadata)
+    configs = configs_from_sgm_shapes({k: tuple(v.shape) for part in parts.values() for k, v in part.items()})
+    unet, te1, te2 = configs["unet"], configs["text_encoder"], configs["text_encoder_2"]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if k not in ldm_keys.MARKER_KEYS})
+    report.lines += [
+        f"{path.name}: full model, single-file SGM (SDXL) checkpoint, {len(tensors)} tensors ({', '.join(dtypes)})",
+        f"base model: {_VERSION_NAMES[SDXL]}",
+        f"prediction type: {prediction or 'not stated'}; zero terminal SNR: {'not stated' if ztsnr is None else ztsnr}",
+        f"  unet: widths {unet['block_out_channels']}, {unet['layers_per_block']} layers per block, transformer depths "
+        f"{[d if a.startswith('CrossAttn') else 0 for d, a in zip(unet['transformer_layers_per_block'], unet['down_block_types'])]}, "
+        f"context {unet['cross_attention_dim']}, size/crop embedding {unet['projection_class_embeddings_input_dim']} wide",
+        f"  text encoders: CLIP-L {te1['num_hidden_layers']} layers, width {te1['hidden_size']}; "
+        f"OpenCLIP bigG {te2['num_hidden_layers']} layers, width {te2['hidden_size']}, projection {te2['projection_dim']}",
+        f"  vae: widths {configs['vae']['block_out_channels']}",
+    ]
+    if "sdtune.architecture" in metadata:
+        report.lines.append("  architecture details from sdtune metadata (heads, norm groups)")
+    # Both UIs read the markers for SDXL-family files: ComfyUI's supported_models.SDXL.model_type (v_pred,
+    # and ztsnr as sampling_settings["zsnr"]); A1111's sd_models_config picks sd_xl_v.yaml on v_pred.
+    marked = "v_pred" in parts["markers"]
+    if prediction == "v_prediction" and marked:
+        zsnr = "ztsnr" in parts["markers"]
+        report.lines.append(f"ComfyUI and A1111 (1.10+): the v_pred marker makes them run it as v-prediction{' (ComfyUI with zero terminal SNR, from ztsnr)' if zsnr else ''}")
+        if zsnr:
+            report.lines.append('A1111/Forge: if images look washed out, set "Noise schedule for sampling" to Zero Terminal SNR')
+    elif prediction == "v_prediction":
+        report.warnings.append(
+            f"v-prediction is stated, but there is no v_pred tensor: ComfyUI and A1111 run this SDXL model as epsilon; "
+            f"`sdtune export checkpoint {path.name} NEW.safetensors --prediction-type v{' --zero-terminal-snr' if ztsnr else ''}` writes it"
+        )
+    if ztsnr and "ztsnr" not in parts["markers"]:
+        report.warnings.append("zero terminal SNR is stated, but there is no ztsnr tensor: ComfyUI samples it without; re-export with --zero-terminal-snr")
+    _metadata_lines(report, metadata)
+    if ignored:
+        report.warnings.append(
+            f"{len(ignored)} stray tensor(s) outside the model (e.g. {ignored[0]}): EMA copies or training state; "
+            "the UIs ignore them, they only take space"
         )
     return report
 
