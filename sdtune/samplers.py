@@ -27,7 +27,7 @@ from PIL import Image
 ZTSNR_CFG_RESCALE = 0.7
 
 
-class DDPMMeanScheduler(DDIMScheduler):
+class DDPMMeanScheduler(DDPMScheduler):
     """DDPM that steps to the posterior mean and adds no noise: ``--ddpm-no-noise``, a teaching switch.
 
     DDPM's reverse step is ``x_{t-1} = mu_t(x_t, x0_hat) + sigma_t * z``. Leaving out
@@ -35,18 +35,17 @@ class DDPMMeanScheduler(DDIMScheduler):
     what the model believes, the errors never get re-randomised, and the samples
     collapse toward a blurry average; the contrast is the point of the switch.
 
-    DDIM with ``eta = 1`` has exactly DDPM's posterior variance, so its
-    deterministic part is DDPM's ``mu_t`` (Song et al. 2021, eq. 12 and 16); we
-    call that public step with the variance noise set to zero rather than
-    re-deriving ``mu_t``. ``set_alpha_to_one`` makes the last step land on
-    ``x0_hat`` as DDPM's does. tests/test_sample.py checks this step equals
-    DDPMScheduler's step minus its noise.
+    This is DDPMScheduler's own step with its variance ``sigma_t^2`` read as 0, so
+    ``mu_t`` is diffusers' and nothing is re-derived; its last step lands on
+    ``x0_hat`` as DDPM's does. (An earlier version used DDIM with ``eta = 1``, which
+    has the same mean but takes ``sqrt(1 - abar_prev - sigma^2)``: with zero terminal
+    SNR that is ``sqrt`` of a rounding error below 0 at the first step, and every
+    image came out NaN.) tests/test_sample.py checks this step equals DDPMScheduler's
+    step minus its noise.
     """
 
-    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
-             variance_noise=None, return_dict=True):
-        return super().step(model_output, timestep, sample, eta=1.0, variance_noise=torch.zeros_like(sample),
-                            return_dict=return_dict)
+    def _get_variance(self, t, predicted_variance=None, variance_type=None):
+        return torch.zeros(())
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def make_sampler(name: str, config: dict, ddpm_noise: bool = True):
     if not ddpm_noise:
         if name != "ddpm":
             raise ValueError("--ddpm-no-noise applies to the ddpm sampler only; add --sampler ddpm")
-        return DDPMMeanScheduler.from_config(config, set_alpha_to_one=True)
+        return DDPMMeanScheduler.from_config(config)
     return sampler.scheduler.from_config(config, **dict(sampler.options))
 
 
