@@ -134,3 +134,28 @@ def build_trained_base(
     print(f"sdtune: trained base in {record['seconds']['total_s']:.0f}s on {record['threads']} thread(s) "
           f"(VAE {timings['vae_s']:.0f}s, UNet {timings['unet_s']:.0f}s); report {work / 'tiny-base.report.html'}")
     return out_dir
+
+
+DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny_demo.yaml"
+TRIGGER_PROMPTS = [f"a {world.TRIGGER} circle in the center", f"{world.TRIGGER} square, top left"]
+
+
+def train_trigger_lora(base: str | Path, work: str | Path, steps: int = 300, images: int = 64, seed: int = 0,
+                       overrides: list[str] | None = None) -> Path:
+    """The LoRA demo on a trained base: the demo recipe (recipes/tiny_demo.yaml) on
+    ``world.trigger_scenes``, which teach the trigger word for the one shape/background
+    pair the base never saw (``world.HELD_OUT``). Returns the kohya LoRA file."""
+    from sdtune.recipe import load_recipe
+    from sdtune.train import train
+
+    work = Path(work)
+    data = work / f"trigger-{images}-seed{seed}"
+    if not data.exists():
+        world.write_dataset(data, world.trigger_scenes(images, seed))
+    recipe = load_recipe(DEMO_RECIPE, [
+        f"model.path={base}", f"data.path={data}", f"output.dir={work}", f"output.name=tiny-base-{world.TRIGGER}",
+        f"data.cache_dir={work / 'cache'}", f"train.max_steps={steps}", f"train.seed={seed}",
+        f"preview.prompts={json.dumps(TRIGGER_PROMPTS)}", f"preview.every_steps={max(1, steps // 3)}",
+        *(overrides or []),
+    ])
+    return train(recipe).output

@@ -93,6 +93,17 @@ def test_short_build_writes_a_model_that_diffusers_loads(tmp_path, capsys):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
 
+    # The LoRA demo on it: the demo recipe on the trigger set, a kohya file for this base.
+    from sdtune.export.kohya import read_lora
+    from sdtune.tiny_base import train_trigger_lora
+
+    lora = train_trigger_lora(out, tmp_path / "lora", steps=2, images=8, seed=3,
+                              overrides=["data.validation_split=2", "train.batch_size=2", "preview.steps=2"])
+    tensors, metadata = read_lora(lora)
+    assert any(k.startswith("lora_unet_") for k in tensors) and metadata["ss_base_model_version"] == "sd_v1"
+    captions = [p.read_text() for p in (tmp_path / "lora" / "trigger-8-seed3").glob("*.txt")]
+    assert len(captions) == 8 and all("zwx" in c for c in captions)
+
 
 def test_build_mistakes_are_one_paragraph(tmp_path, capsys):
     from sdtune.cli import main

@@ -1,0 +1,83 @@
+"""Drawing with a model and judging what it drew: shared by the trained-base tests and
+``python tests/drawing.py`` (which prints every judged rate of the shipped base)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from judge import judge, rates, verdict
+from sdtune import world
+from sdtune.pipeline import load_pipeline, set_lora_weights
+from sdtune.samplers import default_cfg_rescale, generate, make_sampler
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_BASE = ROOT / "models" / "tiny-base"
+PROMPT_SEED = 999  # prompts from a generator seed the base never trained on (it trained on seed 0's)
+SEEDS = list(range(16))
+
+
+def test_scenes(count: int = len(SEEDS)) -> list[world.Scene]:
+    """Scenes whose captions are the prompts: the dataset's grammar, new combinations."""
+    return world.scenes(count, PROMPT_SEED)
+
+
+def draw(model, prompts: list[str], seeds: list[int], sampler: str = "euler_a", steps: int = 20, cfg: float = 5.0,
+         ddpm_noise: bool = True, lora_weight: float | None = None) -> list[Image.Image]:
+    """Images from an ``sdtune.pipeline.Model`` as ``sdtune sample`` draws them (its samplers,
+    the model's own prediction type and terminal SNR, CFG rescale 0.7 with zero terminal SNR)."""
+    if lora_weight is not None:
+        set_lora_weights(model, (lora_weight,) * len(model.loras))
+    scheduler = make_sampler(sampler, model.sampling_config, ddpm_noise)
+    return generate(model.pipe, prompts, scheduler, steps, cfg, default_cfg_rescale(model.zero_terminal_snr), seeds,
+                    (world.SIDE, world.SIDE))
+
+
+def judged(images: list[Image.Image], scenes: list) -> dict[str, float]:
+    return rates([verdict(judge(image), scene) for image, scene in zip(images, scenes)])
+
+
+def contrast(images: list[Image.Image]) -> float:
+    """Mean over images of the per-pixel standard deviation (0-255): how far an image is from
+    one flat colour. A collapsed sample is a blurry mean, near flat."""
+    return float(np.mean([np.asarray(im, dtype=np.float64).reshape(-1, 3).std(0).mean() for im in images]))
+
+
+def black_background_prompts() -> list[str]:
+    """16 prompts in the dataset's grammar, each asking for a black background."""
+    kinds, colours = world.KINDS, [c for c in world.COLOURS if world.contrasts(c, "black")]
+    return [world.caption_for(kinds[i % 4], colours[i % len(colours)], list(world.POSITIONS)[i % 9], "black", False, i % 4)
+            for i in range(len(SEEDS))]
+
+
+def darkness(images: list[Image.Image]) -> dict[str, float]:
+    """How dark the backgrounds are: mean luminance (0-255, Rec. 601) of the judge's border
+    ring, the share of images whose ring is darker than 10, and how many the judge calls black."""
+    rings = []
+    for image in images:
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+        b = max(1, round(pixels.shape[0] / 16))
+        rings.append(np.concatenate([pixels[:b].ravel(), pixels[-b:].ravel(), pixels[:, :b].ravel(), pixels[:, -b:].ravel()]).mean())
+    return {"ring_luminance": float(np.mean(rings)), "darker_than_10": float(np.mean([r < 10 for r in rings])),
+            "judged_black": float(np.mean([judge(im).background == "black" for im in images]))}
+
+
+def main(model_path: Path = SHIPPED_BASE) -> None:
+    scenes = test_scenes()
+    model = load_pipeline(model_path, device=torch.device("cpu"))
+    prompts = [s.caption for s in scenes]
+    print("base, euler_a:", judged(draw(model, prompts, SEEDS), scenes))
+    noisy = draw(model, prompts, SEEDS, sampler="ddpm", steps=50)
+    mean = draw(model, prompts, SEEDS, sampler="ddpm", steps=50, ddpm_noise=False)
+    print("ddpm:", judged(noisy, scenes), "contrast", contrast(noisy))
+    print("ddpm --ddpm-no-noise:", judged(mean, scenes), "contrast", contrast(mean))
+    print("black backgrounds, euler_a:", darkness(draw(model, black_background_prompts(), SEEDS)))
+    print("black backgrounds, ddim:", darkness(draw(model, black_background_prompts(), SEEDS, sampler="ddim")))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED_BASE)
