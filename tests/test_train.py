@@ -498,7 +498,7 @@ def test_sigterm_saves_state_and_the_resumed_run_matches(tiny_v, small_dataset, 
 
     cache = tmp_path / "cache"
     command = [sys.executable, "-m", "sdtune.cli", "train"]
-    args = _resume_args(tiny_v, small_dataset, tmp_path / "run", cache, "train.max_steps=60")
+    args = _resume_args(tiny_v, small_dataset, tmp_path / "run", cache, "train.max_steps=24")
     proc = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = bytearray()
     def read_progress():
@@ -508,19 +508,19 @@ def test_sigterm_saves_state_and_the_resumed_run_matches(tiny_v, small_dataset, 
     reader = threading.Thread(target=read_progress, daemon=True)
     reader.start()
     deadline = time.time() + 120
-    while not re.search(rb"training: .*\| *[1-9]\d*/60", bytes(seen)) and time.time() < deadline:
+    while not re.search(rb"training: .*\| *[1-9]\d*/24", bytes(seen)) and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     stdout = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 128 + signal.SIGTERM, stdout + bytes(seen).decode(errors="replace")[-2000:]
     assert "resume with the same command plus --resume latest" in stdout
     stopped_at = int(re.search(r"after step (\d+)", stdout).group(1))
-    assert 0 < stopped_at < 60
+    assert 0 < stopped_at < 24
     assert not (tmp_path / "run" / "tiny-demo.safetensors").exists()  # unfinished: only the checkpoint export
     assert (tmp_path / "run" / f"tiny-demo-step{stopped_at:06d}.safetensors").is_file()
 
     subprocess.run([*command, *args, "--resume", "latest"], check=True, capture_output=True)
-    straight = main(_resume_args(tiny_v, small_dataset, tmp_path / "straight", cache, "train.max_steps=60"))
+    straight = main(_resume_args(tiny_v, small_dataset, tmp_path / "straight", cache, "train.max_steps=24"))
     a, _ = read_lora(tmp_path / "run" / "tiny-demo.safetensors")
     b, _ = read_lora(straight.output)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -616,6 +616,39 @@ def test_previews_and_report_html(tiny_v, small_dataset, tmp_path):
     a, _ = read_lora(result.output)
     b, _ = read_lora(plain.output)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("previews", [False, True])
+def test_frozen_encoders_are_freed_before_step_1_unless_previews_need_them(tiny_v, small_dataset, tmp_path, monkeypatch, previews):
+    """With the caches built, a LoRA run without previews drops the VAE and the frozen
+    text encoder: at the first step nothing holds them any more."""
+    import gc
+    import weakref
+
+    import sdtune.train as train_module
+
+    encoders, alive_at_step_1 = [], []
+    original_loss = train_module.denoising_loss
+
+    def load(*args, **kwargs):
+        parts = load_components(*args, **kwargs)
+        encoders.extend(weakref.ref(module) for module in (parts.vae, parts.text_encoder))
+        return parts
+
+    def loss(*args, **kwargs):
+        if not alive_at_step_1:
+            gc.collect()
+            alive_at_step_1.extend(ref() is not None for ref in encoders)
+        return original_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "load_components", load)
+    monkeypatch.setattr(train_module, "denoising_loss", loss)
+    extra = ("preview.prompts=[a red circle]", "preview.steps=1", "preview.every_steps=100") if previews else ()
+    result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", *extra))
+    assert alive_at_step_1 == [previews, previews]
+    assert (result.text_encoder is not None) == previews
+    assert read_lora(result.output)[0]  # the LoRA export needs neither
+    assert len(list((tmp_path / "out" / "previews").rglob("*.png"))) == previews
 
 
 def test_full_finetune_with_the_text_encoder(tiny_eps, small_dataset, tmp_path):
