@@ -51,9 +51,22 @@ def tiny_base_vae() -> AutoencoderKL:
     )
 
 
-def write_start_model(out: Path, vae: AutoencoderKL, prediction_type: str, seed: int) -> Path:
+START_FILE = "sdtune-start.json"  # in the starting model: what it was made from
+
+
+def _reusable_start(start: Path, made_from: dict) -> dict | None:
+    """The VAE record of an existing starting model made from the same settings, else None."""
+    try:
+        record = json.loads((start / START_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record["vae"] if {k: record.get(k) for k in made_from} == made_from else None
+
+
+def write_start_model(out: Path, vae: AutoencoderKL, prediction_type: str, seed: int, record: dict) -> Path:
     """The trained ``vae`` with a randomly initialised UNet and text encoder (seeded): what the
-    trainer starts from. A diffusers folder, published whole."""
+    trainer starts from. A diffusers folder, published whole, with ``record`` (what it
+    was made from) in it."""
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=tiny_text_encoder(), tokenizer=clip_tokenizer(), unet=tiny_unet(),
@@ -66,6 +79,7 @@ def write_start_model(out: Path, vae: AutoencoderKL, prediction_type: str, seed:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:  # the portable tokenizer pair, as make_tiny writes it
             shutil.copy(CLIP_BPE_DIR / name, tmp / "tokenizer" / name)
+        (tmp / START_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
         return atomic.publish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,13 +117,20 @@ def build_trained_base(
         world.write_dataset(data, world.scenes(images, seed))
     timings["data_s"] = time.perf_counter() - started
 
-    start = work / "start"
-    torch.manual_seed(seed)
-    vae = tiny_base_vae()
-    vae_report = train_vae(vae, load_images(data, world.SIDE), vae_steps, batch_size=8, seed=seed)
-    shutil.rmtree(start, ignore_errors=True)
-    write_start_model(start, vae, recipe.model.prediction_type, seed)
-    timings["vae_s"] = vae_report.seconds
+    # The starting model depends only on these; a rebuild with other UNet settings reuses it.
+    start, made_from = work / "start", {"seed": seed, "images": images, "vae_steps": vae_steps,
+                                        "prediction_type": recipe.model.prediction_type}
+    vae_record = _reusable_start(start, made_from)
+    if vae_record is None:
+        torch.manual_seed(seed)
+        vae = tiny_base_vae()
+        vae_record = asdict(train_vae(vae, load_images(data, world.SIDE), vae_steps, batch_size=8, seed=seed))
+        vae_record.pop("losses")
+        shutil.rmtree(start, ignore_errors=True)
+        write_start_model(start, vae, recipe.model.prediction_type, seed, made_from | {"vae": vae_record})
+    else:
+        print(f"sdtune: reusing the trained VAE of {start} (same seed, images and VAE steps)")
+    timings["vae_s"] = vae_record["seconds"]
 
     recipe = load_recipe(recipe_path, [
         f"train.seed={seed}", f"model.path={start}", f"data.path={data}", f"output.dir={work}", "output.name=tiny-base",
@@ -125,7 +146,7 @@ def build_trained_base(
     try:
         shutil.copytree(folder, tmp)
         record = {"seed": seed, "images": images, "vae_steps": vae_steps, "unet_steps": result.steps,
-                  "threads": torch.get_num_threads(), "vae": {k: v for k, v in asdict(vae_report).items() if k != "losses"},
+                  "threads": torch.get_num_threads(), "vae": vae_record,
                   "seconds": timings | {"total_s": time.perf_counter() - started}, "recipe": recipe.model_dump(mode="json")}
         (tmp / BUILD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
         atomic.publish_folder(tmp, out_dir)

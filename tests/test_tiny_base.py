@@ -93,6 +93,17 @@ def test_short_build_writes_a_model_that_diffusers_loads(tmp_path, capsys):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
 
+    # A rebuild with other UNet settings reuses the trained VAE (same seed, images, VAE steps).
+    import shutil
+
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert main(["make-tiny", str(out), "--trained", "--images", "24", "--vae-steps", "6", "--seed", "3",
+                 "--set", "train.max_steps=4", "--set", "train.batch_size=4", "--set", "data.validation_split=4",
+                 "--set", "preview.prompts=[]"]) == 0
+    assert "reusing the trained VAE" in capsys.readouterr().out
+    assert json.loads((out / BUILD_FILE).read_text())["vae"] == record["vae"]
+
     # The LoRA demo on it: the demo recipe on the trigger set, a kohya file for this base.
     from sdtune.export.kohya import read_lora
     from sdtune.tiny_base import train_trigger_lora
