@@ -14,6 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from sdtune.diffusion import make_noise_scheduler
 from sdtune.errors import MissingExtraError, ModelFileError, UserError
 from sdtune.hashes import file_sha256, tensors_sha256, weights_sha256
+from sdtune.sdxl import SdxlComponents, is_sdxl, load_sdxl_components
 from sdtune.weight_files import check_folder, loading_folder
 
 # Precision names (train.mixed_precision, export.dtype) and the dtype each stores weights in.
@@ -44,8 +45,8 @@ def load_components(
     zero_terminal_snr: bool,
     unet_dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
-) -> Components:
-    """Load an SD 1.x/2.x model (diffusers folder or single-file checkpoint), with the training schedule set up.
+) -> Components | SdxlComponents:
+    """Load an SD 1.x/2.x or SDXL model (diffusers folder or single-file checkpoint), with the training schedule set up.
 
     The VAE and text encoder load in fp32: they fill the caches, whose entries
     must not depend on the training precision.
@@ -56,6 +57,8 @@ def load_components(
             f"model.path {path} does not exist; point it at a diffusers model folder or a single-file "
             f".safetensors checkpoint, or build the tiny demo model with `sdtune make-tiny {path}`"
         )
+    if is_sdxl(path, allow_pickle):  # a second text encoder: SDXL's own loader
+        return load_sdxl_components(path, prediction_type, zero_terminal_snr, unet_dtype, allow_pickle)
     if path.is_file():
         return load_single_file(path, prediction_type, zero_terminal_snr, unet_dtype, allow_pickle)
     if not (path / "model_index.json").is_file():

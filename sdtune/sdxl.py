@@ -150,3 +150,34 @@ def add_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
     """SDXL's size/crop conditioning (Podell et al. 2023, section 2.2): original (h, w), the
     top-left (y, x) of the crop taken from it, and the (h, w) trained at, as six numbers."""
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+class SdxlTextEncoders(torch.nn.Module):
+    """SDXL's two text encoders as the one module the trainer handles: one LoRA config adapts
+    both (``lora.text_encoder_target_modules``, exported as ``lora_te1_`` / ``lora_te2_``),
+    accelerate prepares one model, and a call gives what the UNet needs."""
+
+    def __init__(self, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_sdxl_prompts(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.text_encoder.gradient_checkpointing_enable()
+        self.text_encoder_2.gradient_checkpointing_enable()
+
+
+def text_encoders(parts) -> torch.nn.Module | None:
+    """What the trainer treats as the text encoder: SD's, or SDXL's two together (None once freed)."""
+    if not isinstance(parts, SdxlComponents) or parts.text_encoder is None:
+        return parts.text_encoder
+    return SdxlTextEncoders(parts.text_encoder, parts.text_encoder_2)
+
+
+def split_text_encoders(module: torch.nn.Module | None) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """``(text_encoder, text_encoder_2)`` of what ``text_encoders`` returned (the second None for SD)."""
+    if isinstance(module, SdxlTextEncoders):
+        return module.text_encoder, module.text_encoder_2
+    return module, None

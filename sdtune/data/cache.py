@@ -33,12 +33,14 @@ from safetensors.torch import load
 from tqdm.auto import tqdm
 
 from sdtune.atomic import remove_stale_temps, save_safetensors, write_text
+from sdtune.conditioning import empty_conditioning, time_ids, tokenizers
 from sdtune.data.captions import shuffle_tags, tokenize, with_prefix
 from sdtune.data.images import load_crop
 from sdtune.data.plan import DataPlan, Item
 from sdtune.errors import DataError
 from sdtune.hashes import tensors_sha256
 from sdtune.models import encode_prompts
+from sdtune.sdxl import encode_sdxl_prompts
 
 CACHE_VERSION = "3"  # bump when the entry layout or preprocessing changes (3: checksums in the metadata)
 CHECKSUM_KEY = "sdtune_tensors_sha256"  # metadata key: hashes.tensors_sha256 of the entry's tensors
@@ -105,6 +107,7 @@ def fill_caches(plan: DataPlan, parts, cache_dir: Path, accelerator, cache_text_
         text, text_stats = cache_text(
             [i.caption for i in items] + [""], parts.tokenizer, parts.text_encoder, parts.text_encoder_sha256,
             cache_dir, accelerator.device, shard=shard, show_progress=show,
+            tokenizer_2=getattr(parts, "tokenizer_2", None), text_encoder_2=getattr(parts, "text_encoder_2", None),
         )
     accelerator.wait_for_everyone()
     latent_stats, text_stats = report_caches(latent_stats, text_stats, cache_dir, accelerator)
@@ -114,6 +117,27 @@ def fill_caches(plan: DataPlan, parts, cache_dir: Path, accelerator, cache_text_
         text=text[:n] if text else None, validation_text=text[n : len(items)] if text else None,
         empty_text=text[-1] if text else None, latent_stats=latent_stats, text_stats=text_stats,
     )
+
+
+def cached_datasets(plan: DataPlan, caches: Caches, parts, shuffle_tags: bool, keep_tokens: int, seed: int):
+    """Training and held-out datasets over the caches (SDXL's with each view's size/crop ids),
+    and the empty caption's text parts (token ids when the text encoder runs in the loop)."""
+    train_ids, val_ids = time_ids(plan.train, parts), time_ids(plan.validation, parts)
+    if caches.text is not None:
+        return (
+            CachedDataset(caches.latents, text_paths=caches.text, time_ids=train_ids),
+            CachedDataset(caches.validation_latents, text_paths=caches.validation_text, time_ids=val_ids),
+            empty_conditioning(parts, read_entry(caches.empty_text)),
+        )
+    train_set = CachedDataset(
+        caches.latents, captions=[i.sample.caption for i in plan.train], **tokenizers(parts),
+        prefixes=[i.sample.prefix for i in plan.train], shuffle=shuffle_tags, keep_tokens=keep_tokens, seed=seed, time_ids=train_ids,
+    )
+    val_set = CachedDataset(
+        caches.validation_latents, captions=[i.sample.caption for i in plan.validation], **tokenizers(parts),
+        prefixes=[i.sample.prefix for i in plan.validation], time_ids=val_ids,
+    )
+    return train_set, val_set, empty_conditioning(parts)
 
 
 def default_cache_dir() -> Path:
@@ -287,34 +311,52 @@ def cache_text(
     batch_size: int = 32,
     shard: tuple[int, int] = (0, 1),
     show_progress: bool = True,
+    tokenizer_2=None,
+    text_encoder_2=None,
 ) -> tuple[list[Path], CacheStats]:
     """Make sure every caption has a sound cached text-encoder output; return their
-    paths. Sharded and counted like ``cache_latents``."""
+    paths. Sharded and counted like ``cache_latents``. With SDXL's second tokenizer and
+    encoder, an entry holds both encoders' hidden states side by side and bigG's pooled
+    embedding (``sdxl.encode_sdxl_prompts``), keyed by both token rows."""
     rank, world = shard
     stats = CacheStats()
     unique = list(dict.fromkeys(captions))  # the same caption twice (repeats) is tokenized and encoded once
+    rows = tokenize(tokenizer, unique)
+    rows_2 = tokenize(tokenizer_2, unique) if text_encoder_2 is not None else [None] * len(unique)
+    shapes = {"hidden_states": (rows.shape[1], text_encoder.config.hidden_size)}
+    if text_encoder_2 is not None:
+        shapes = {"hidden_states": (rows.shape[1], text_encoder.config.hidden_size + text_encoder_2.config.hidden_size),
+                  "pooled": (text_encoder_2.config.projection_dim,)}
     paths_of, todo, seen = {}, [], set()
-    for caption, row in zip(unique, tokenize(tokenizer, unique)):
-        path = entry_path(cache_dir, "text", _key("text", CACHE_VERSION, text_encoder_id, row.numpy().tobytes()))
+    for caption, row, row_2 in zip(unique, rows, rows_2):
+        ids = [row.numpy().tobytes()] + ([row_2.numpy().tobytes()] if row_2 is not None else [])
+        path = entry_path(cache_dir, "text", _key("text", CACHE_VERSION, text_encoder_id, *ids))
         paths_of[caption] = path
         if path in seen:
             continue  # different captions can share token ids (the part past 77 tokens is cut)
         seen.add(path)
         if (len(seen) - 1) % world != rank:
             continue
-        if path.is_file() and _sound(path, {"hidden_states": (len(row), text_encoder.config.hidden_size)}, stats):
+        if path.is_file() and _sound(path, shapes, stats):
             continue
-        todo.append((caption, row, path))
+        todo.append((caption, row, row_2, path))
     paths = [paths_of[caption] for caption in captions]
     if todo:
         text_encoder = text_encoder.to(device)
+        text_encoder_2 = text_encoder_2.to(device) if text_encoder_2 is not None else None
     bar = tqdm(total=len(todo), desc="caching text", unit="caption", disable=not show_progress or not todo)
     with torch.no_grad():
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            hidden = encode_prompts(text_encoder, torch.stack([row for _, row, _ in chunk]).to(device))
-            for i, (caption, _, path) in enumerate(chunk):
-                _write_entry({"hidden_states": hidden[i].float()}, path, f"the text encoder's output for the caption {caption!r}")
+            ids = torch.stack([row for _, row, _, _ in chunk]).to(device)
+            if text_encoder_2 is None:
+                outputs = {"hidden_states": encode_prompts(text_encoder, ids)}
+            else:
+                ids_2 = torch.stack([row_2 for _, _, row_2, _ in chunk]).to(device)
+                outputs = dict(zip(("hidden_states", "pooled"), encode_sdxl_prompts(text_encoder, text_encoder_2, ids, ids_2)))
+            for i, (caption, _, _, path) in enumerate(chunk):
+                entry = {name: output[i].float() for name, output in outputs.items()}
+                _write_entry(entry, path, f"the text encoder's output for the caption {caption!r}")
             stats.encoded += len(chunk)
             bar.update(len(chunk))
     bar.close()
@@ -325,7 +367,8 @@ class CachedDataset(torch.utils.data.Dataset):
     """Training samples read from the caches, each entry checked against its checksum
     as it is read (``read_entry``): latent mean/std, and either the cached
     text-encoder output or token ids (when the text encoder runs in the loop: it
-    trains, or tags are shuffled anew each epoch).
+    trains, or tags are shuffled anew each epoch). SDXL's samples add the pooled
+    embedding (or the second tokenizer's ids) and each view's size/crop ``time_ids``.
 
     Indexed by ``(item, epoch)`` pairs from :class:`BucketBatchSampler`; the tag
     order of an item in an epoch depends only on ``seed``, item and epoch, so it is
@@ -342,11 +385,14 @@ class CachedDataset(torch.utils.data.Dataset):
         shuffle: bool = False,
         keep_tokens: int = 0,
         seed: int = 0,
+        tokenizer_2=None,
+        time_ids: list[torch.Tensor] | None = None,
     ):
         if (text_paths is None) == (captions is None):
             raise ValueError("give either cached text paths or captions")
         self.latent_paths, self.text_paths, self.captions = latent_paths, text_paths, captions
         self.tokenizer, self.prefixes = tokenizer, prefixes or [""] * len(latent_paths)
+        self.tokenizer_2, self.time_ids = tokenizer_2, time_ids
         self.shuffle, self.keep_tokens, self.seed = shuffle, keep_tokens, seed
 
     def __len__(self) -> int:
@@ -362,7 +408,15 @@ class CachedDataset(torch.utils.data.Dataset):
         index, epoch = draw if isinstance(draw, tuple) else (draw, 0)
         item = read_entry(self.latent_paths[index])
         if self.text_paths is not None:
-            item["encoder_hidden_states"] = read_entry(self.text_paths[index])["hidden_states"]
+            text = read_entry(self.text_paths[index])
+            item["encoder_hidden_states"] = text["hidden_states"]
+            if "pooled" in text:
+                item["pooled"] = text["pooled"]
         else:
-            item["input_ids"] = tokenize(self.tokenizer, [self.caption(index, epoch)])[0]
+            caption = self.caption(index, epoch)
+            item["input_ids"] = tokenize(self.tokenizer, [caption])[0]
+            if self.tokenizer_2 is not None:
+                item["input_ids_2"] = tokenize(self.tokenizer_2, [caption])[0]
+        if self.time_ids is not None:
+            item["time_ids"] = self.time_ids[index]
         return item

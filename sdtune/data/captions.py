@@ -52,8 +52,20 @@ def drop_captions(conditioning: torch.Tensor, empty: torch.Tensor, probability: 
     Works on token ids (``B x 77``) or cached text-encoder outputs (``B x 77 x D``);
     ``empty`` is the same for one sample, broadcast over the batch.
     """
+    return drop_caption_parts({"text": conditioning}, {"text": empty}, probability, generator)["text"]
+
+
+def drop_caption_parts(
+    parts: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], probability: float, generator=None
+) -> dict[str, torch.Tensor]:
+    """``drop_captions`` for a caption held in several tensors (SDXL: both encoders' hidden
+    states and the pooled embedding, or both tokenizers' ids): one draw per sample drops
+    all its parts together, so a dropped caption leaves no trace in any of them."""
     if probability <= 0:
-        return conditioning
-    keep = torch.rand(conditioning.shape[0], device=conditioning.device, generator=generator) >= probability
-    keep = keep.view(-1, *([1] * (conditioning.ndim - 1)))
-    return torch.where(keep, conditioning, empty.to(conditioning.device, conditioning.dtype))
+        return parts
+    first = next(iter(parts.values()))
+    keep = torch.rand(first.shape[0], device=first.device, generator=generator) >= probability
+    return {
+        name: torch.where(keep.view(-1, *([1] * (part.ndim - 1))), part, empty[name].to(part.device, part.dtype))
+        for name, part in parts.items()
+    }

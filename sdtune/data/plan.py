@@ -52,10 +52,23 @@ class Item:
     sample: Sample
     sha256: str  # of the image file's bytes
     crop: Crop
+    size: tuple[int, int]  # the upright image's width, height before any resize
 
     @property
     def caption(self) -> str:
         return with_prefix(self.sample.caption, self.sample.prefix)
+
+
+def size_conditioning(item: Item) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """What SDXL is told about a view's geometry (Podell et al. 2023, sections 2.2-2.3), each
+    (height, width) or (y, x): the image's original size, the top-left corner of the cut in
+    the resized image, and the size trained at (its bucket). A mirrored view is a cut of the
+    mirrored image, whose left edge is as far from the right edge as the original cut's
+    right edge was."""
+    crop = item.crop
+    width, height = crop.bucket
+    left = crop.resized[0] - crop.left - width if crop.flip else crop.left
+    return (item.size[1], item.size[0]), (crop.top, left), (height, width)
 
 
 @dataclass
@@ -161,11 +174,11 @@ def plan_dataset(
     train, validation = [], []
     for sample, digest, info, bucket in kept:
         x, y = (0.5, 0.5) if crop == "center" else _random_position(seed, digest, sample.name)
-        base = Item(sample, digest, place_crop(info, bucket, x, y))
+        base = Item(sample, digest, place_crop(info, bucket, x, y), (info.width, info.height))
         if sample.name in held_out:
             validation.append(base)
             continue
-        views = [base, Item(sample, digest, place_crop(info, bucket, x, y, flip=True))] if flip else [base]
+        views = [base, Item(sample, digest, place_crop(info, bucket, x, y, flip=True), base.size)] if flip else [base]
         train += views * sample.repeats
     captions = list(dict.fromkeys(i.caption for i in train + validation))  # repeats share one count
     cut = {captions[i] for i in truncated(tokenizer, captions)} if tokenizer is not None else set()
