@@ -213,12 +213,15 @@ def denoising_loss(
     timesteps: torch.Tensor,
     objective: Objective = Objective(),
     input_noise: torch.Tensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The training objective for one batch: noise the latents to ``x_t`` (with
     ``input_noise`` when perturbed), predict, compare with the target made from
-    the clean ``noise`` (epsilon or v), weighted per sample if asked."""
+    the clean ``noise`` (epsilon or v), weighted per sample if asked. SDXL's UNet
+    also takes ``added_cond_kwargs`` (pooled text embedding, size/crop ids)."""
     noisy = scheduler.add_noise(latents.float(), noise if input_noise is None else input_noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, conditioning, return_dict=False)[0]
+    added = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
+    prediction = unet(noisy, timesteps, conditioning, return_dict=False, **added)[0]
     weights = loss_weights(scheduler, timesteps, objective)
     return diffusion_loss(prediction, target, weights, objective.loss_type, objective.huber_c)

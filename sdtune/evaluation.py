@@ -17,8 +17,9 @@ from PIL import Image
 from sdtune import atomic, grid, training_state
 from sdtune.data.cache import CachedDataset
 from sdtune.diffusion import denoising_loss
-from sdtune.models import encode_prompts
+from sdtune.conditioning import text_part, unet_conditioning
 from sdtune.samplers import generate
+from sdtune.sdxl import SdxlComponents, split_text_encoders
 
 
 @torch.no_grad()
@@ -28,7 +29,8 @@ def validation_loss(
     """Mean unweighted loss on the held-out images at fixed timesteps, with noise
     fixed per image by ``seed`` and the posterior mean as latents: the same
     numbers for the same weights, so the curve moves only when the model does.
-    ``text_encoder`` is None when the dataset holds cached text-encoder outputs."""
+    ``text_encoder`` (``sdxl.text_encoders``) is None when the dataset holds cached
+    text-encoder outputs."""
     was_training = unet.training
     unet.eval()
     totals = dict.fromkeys(timesteps, 0.0)
@@ -36,12 +38,10 @@ def validation_loss(
         item = dataset[(index, 0)]
         latents = item["mean"][None].to(device) * scaling_factor
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + index)).to(device)
-        if text_encoder is None:
-            conditioning = item["encoder_hidden_states"][None].to(device)
-        else:
-            conditioning = encode_prompts(text_encoder, item["input_ids"][None].to(device))
+        text = {key: value[None].to(device) for key, value in text_part(item).items()}
+        conditioning, added = unet_conditioning(text, text_encoder, item["time_ids"][None] if "time_ids" in item else None)
         for t in timesteps:
-            loss = denoising_loss(unet, scheduler, latents, conditioning, noise, torch.tensor([t], device=device))
+            loss = denoising_loss(unet, scheduler, latents, conditioning, noise, torch.tensor([t], device=device), **added)
             totals[t] += loss.item() / len(dataset)
     unet.train(was_training)
     return totals
@@ -53,15 +53,10 @@ def preview_grid(
 ) -> Image.Image:
     """One row of ``prompts`` drawn with ``sampler`` (a second row with the EMA
     weights when ``ema`` is given), every image from ``seed`` so grids compare
-    across steps. The VAE and text encoder come to ``device`` and go back."""
-    from diffusers import StableDiffusionPipeline
-
+    across steps. The VAE and text encoder(s) come to ``device`` and go back."""
     rng = training_state.rng_states()
     homes = {module: next(module.parameters()).device for module in (parts.vae, text_encoder)}
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae.to(device), text_encoder=text_encoder.to(device), tokenizer=parts.tokenizer, unet=unet,
-        scheduler=parts.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = preview_pipeline(parts, unet, text_encoder.to(device), parts.vae.to(device))
     pipe.set_progress_bar_config(disable=True)
 
     def row() -> list[Image.Image]:
@@ -81,6 +76,26 @@ def preview_grid(
         module.to(home)
     training_state.restore_rng(rng)
     return grid.draw_grid(rows, prompts, ["raw", "EMA"] if ema is not None else [])
+
+
+def preview_pipeline(parts, unet, text_encoder, vae):
+    """A diffusers pipeline around the model as it trains: StableDiffusionXLPipeline for SDXL
+    (``text_encoder`` as ``sdxl.text_encoders`` gives it; the same size conditioning, at the
+    drawn size), StableDiffusionPipeline otherwise."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if isinstance(parts, SdxlComponents):
+        text_encoder, text_encoder_2 = split_text_encoders(text_encoder)
+        # Caption dropout trains the empty caption's encoding as the unconditional one, so CFG
+        # uses it too (SDXL base's pipeline config puts zeros there instead).
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=parts.noise_scheduler, force_zeros_for_empty_prompt=False,
+        )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=unet, scheduler=parts.noise_scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
 
 
 def save_preview(image: Image.Image, folder, step: int, trackers) -> Path:

@@ -1,4 +1,4 @@
-"""Fine-tune a Stable Diffusion 1.x/2.x UNet (LoRA or full) from a recipe.
+"""Fine-tune a Stable Diffusion 1.x/2.x or SDXL UNet (LoRA or full) from a recipe.
 
     accelerate launch sdtune/train.py --recipe recipes/lora_vpred.yaml [--set train.max_steps=500]
 
@@ -37,14 +37,9 @@ from sdtune import atomic, training_state
 from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.compute import highest_on_any_process, make_accelerator
 from sdtune.data.buckets import BucketBatchSampler
-from sdtune.data.cache import (
-    CachedDataset,
-    CacheStats,
-    default_cache_dir,
-    fill_caches,
-    read_entry,
-)
-from sdtune.data.captions import drop_captions, tokenize
+from sdtune.data.cache import CacheStats, cached_datasets, default_cache_dir, fill_caches
+from sdtune.conditioning import unet_conditioning
+from sdtune.data.captions import drop_caption_parts
 from sdtune.data.plan import DataPlan, plan_data, skipped_report, warnings_for
 from sdtune.diffusion import (
     Objective,
@@ -59,12 +54,13 @@ from sdtune.errors import run_command, take_debug_flag
 from sdtune.evaluation import preview_grid, save_preview, validation_loss
 from sdtune.export.kohya import check_sd2_text_encoder_targets
 from sdtune.export.results import ResultSpec, result_paths, write_result
-from sdtune.models import DTYPES, encode_prompts, load_components, set_attention
+from sdtune.models import DTYPES, load_components, set_attention
 from sdtune.optim import make_lr_scheduler, make_optimizer
 from sdtune.outputs import RunFolder
 from sdtune.recipe import Recipe, load_recipe
 from sdtune.report import render_report
 from sdtune.samplers import default_cfg_rescale, make_sampler, sampling_config
+from sdtune.sdxl import SdxlComponents, text_encoders
 from sdtune.tiny import clip_tokenizer
 
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny_demo.yaml"  # shipped with the package
@@ -79,7 +75,7 @@ class TrainResult:
     latent_cache: CacheStats
     text_cache: CacheStats | None  # None when the text encoder runs in the loop (it trains, or tags are shuffled)
     unet: torch.nn.Module  # as trained (with its LoRA layers), for callers that go on using it
-    text_encoder: torch.nn.Module | None  # None: frozen, unused after caching, and freed
+    text_encoder: torch.nn.Module | None  # None: frozen, unused after caching, and freed (SDXL: sdxl.SdxlTextEncoders)
     steps: int  # optimizer steps done when the run ended
     stopped_by: int | None = None  # the signal that interrupted the run (state saved), else None
     validation: list[tuple[int, dict[int, float]]] = field(default_factory=list)  # (step, {timestep: loss})
@@ -113,11 +109,11 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # validation); the frozen encoders leave the device once they are built.
     caches = fill_caches(plan, parts, Path(data.cache_dir) if data.cache_dir else default_cache_dir(), accelerator, recipe.caches_text)
     text_in_loop = caches.text is None  # the text encoder trains, or shuffled tags make new captions each epoch
-    dataset, val_dataset, empty_conditioning = _datasets(plan, caches, parts.tokenizer, data.shuffle_tags, data.keep_tokens, opt.seed)
-    empty_conditioning = empty_conditioning.to(device)  # caption dropout mixes it into batches on the device
+    dataset, val_dataset, empty_conditioning = cached_datasets(plan, caches, parts, data.shuffle_tags, data.keep_tokens, opt.seed)
+    empty_conditioning = {k: v.to(device) for k, v in empty_conditioning.items()}  # caption dropout mixes it into batches on the device
     scaling = _place_encoders(parts, device, weight_dtype, frozen_in_loop=text_in_loop and not train_te, trains=train_te,
                               needed_later=bool(preview.prompts) or opt.method == "full")  # previews draw; a full result holds them
-    unet, text_encoder = parts.unet, parts.text_encoder
+    unet, text_encoder = parts.unet, text_encoders(parts)  # SDXL's two encoders as one module
     groups = _make_trainable(unet, text_encoder if train_te else None, opt.method, lora, opt.attention, opt.gradient_checkpointing,
                              opt.learning_rate, opt.text_encoder_learning_rate, device, weight_dtype)
     optimizer = make_optimizer(groups, opt.optimizer, (opt.adam_beta1, opt.adam_beta2), opt.adam_weight_decay, opt.adam_epsilon)
@@ -168,12 +164,12 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             keyed = reseed(generator, opt.seed, epoch, order.global_index(batch_in_epoch - 1))
             te_trains = train_te and (opt.text_encoder_steps is None or step < opt.text_encoder_steps)
             with accelerator.accumulate(*trained):
-                conditioning = _conditioning(batch, encoder if text_in_loop else None, te_trains, empty_conditioning, data.caption_dropout, keyed)
+                conditioning, added = _conditioning(batch, encoder if text_in_loop else None, te_trains, empty_conditioning, data.caption_dropout, keyed)
                 latents = sample_latents(batch["mean"], batch["std"], scaling, keyed)
                 noise = sample_noise(latents, opt.noise_offset, opt.noise_offset_random_strength, keyed)
                 timesteps = sample_timesteps(latents.shape[0], device, t_low, t_high, opt.timestep_sampling, opt.logit_mean, opt.logit_std, keyed)
                 input_noise = perturb_noise(noise, opt.input_perturbation, keyed) if opt.input_perturbation else None
-                loss = denoising_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise)
+                loss = denoising_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise, **added)
                 if opt.on_nan == "skip" and not _all_finite(loss, accelerator):  # all processes skip it, or none
                     skipped = _skip_batch(skipped, step, optimizer)
                     continue
@@ -246,12 +242,13 @@ def _place_encoders(parts, device: torch.device, weight_dtype: torch.dtype, froz
         parts.vae.to("cpu")
     else:
         parts.vae = None
-    if frozen_in_loop:
-        parts.text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
-    elif not trains and needed_later:
-        parts.text_encoder.to("cpu")
-    elif not trains:
-        parts.text_encoder = None
+    for name in ("text_encoder", "text_encoder_2") if isinstance(parts, SdxlComponents) else ("text_encoder",):
+        if frozen_in_loop:
+            getattr(parts, name).requires_grad_(False).to(device, dtype=weight_dtype)
+        elif not trains and needed_later:
+            getattr(parts, name).to("cpu")
+        elif not trains:
+            setattr(parts, name, None)
     gc.collect()
     return scaling
 
@@ -270,14 +267,15 @@ def _loader(dataset, buckets: list[tuple[int, int]], batch_size: int, seed: int,
     return order, loader
 
 
-def _conditioning(batch: dict, encoder, trains: bool, empty: torch.Tensor, dropout: float, generator) -> torch.Tensor:
-    """The UNet's conditioning for ``batch``, some captions dropped: cached, or from
-    ``encoder`` when it runs in the loop (with gradients only while it ``trains``: after
-    train.text_encoder_steps it runs without, so it gets none and AdamW leaves it be)."""
-    if encoder is None:
-        return drop_captions(batch["encoder_hidden_states"], empty, dropout, generator)
-    with contextlib.nullcontext() if trains else torch.no_grad():
-        return encode_prompts(encoder, drop_captions(batch["input_ids"], empty, dropout, generator))
+def _conditioning(batch: dict, encoder, trains: bool, empty: dict, dropout: float, generator) -> tuple[torch.Tensor, dict]:
+    """The UNet's conditioning for ``batch`` and its other keyword arguments (SDXL's pooled
+    embedding and size/crop ids), some captions dropped, every part of a caption together
+    (``empty``: the empty caption's parts): cached, or from ``encoder`` when it runs in the
+    loop (with gradients only while it ``trains``: after train.text_encoder_steps it runs
+    without, so it gets none and AdamW leaves it be)."""
+    text = drop_caption_parts({key: batch[key] for key in empty}, empty, dropout, generator)
+    with contextlib.nullcontext() if trains or encoder is None else torch.no_grad():
+        return unet_conditioning(text, encoder, batch.get("time_ids"))
 
 
 def _all_finite(loss: torch.Tensor, accelerator) -> bool:
@@ -365,26 +363,6 @@ def _keep_step_exports(folder: RunFolder, kept: list[Path], written: list[Path])
     folder.prune_step_exports({int(p.name.removeprefix(training_state.PREFIX)) for p in kept})
 
 
-def _datasets(plan: DataPlan, caches, tokenizer, shuffle_tags: bool, keep_tokens: int, seed: int):
-    """Training and held-out datasets over the caches, and the empty caption's
-    conditioning (token ids when the text encoder runs in the loop)."""
-    if caches.text is not None:
-        return (
-            CachedDataset(caches.latents, text_paths=caches.text),
-            CachedDataset(caches.validation_latents, text_paths=caches.validation_text),
-            read_entry(caches.empty_text)["hidden_states"],
-        )
-    train_set = CachedDataset(
-        caches.latents, captions=[i.sample.caption for i in plan.train], tokenizer=tokenizer,
-        prefixes=[i.sample.prefix for i in plan.train], shuffle=shuffle_tags, keep_tokens=keep_tokens, seed=seed,
-    )
-    val_set = CachedDataset(
-        caches.validation_latents, captions=[i.sample.caption for i in plan.validation], tokenizer=tokenizer,
-        prefixes=[i.sample.prefix for i in plan.validation],
-    )
-    return train_set, val_set, tokenize(tokenizer, [""])[0]
-
-
 def _make_trainable(
     unet, text_encoder, method: str, lora, attention: str, gradient_checkpointing: bool, learning_rate: float,
     text_encoder_learning_rate: float | None, device: torch.device, weight_dtype: torch.dtype,
@@ -438,9 +416,9 @@ def _merge_first(parts, path: str, weight: float, allow_pickle: bool) -> None:
     from sdtune.hashes import file_sha256
 
     tensors, _ = read_lora(path, allow_pickle)
-    merge_lora(tensors, parts.unet, parts.text_encoder, weight)
+    merge_lora(tensors, parts.unet, parts.text_encoder, weight, getattr(parts, "text_encoder_2", None))
     digest = file_sha256(Path(path))
-    if any(key.startswith("lora_te_") for key in tensors):
+    if any(key.startswith(("lora_te_", "lora_te1_", "lora_te2_")) for key in tensors):
         parts.text_encoder_sha256 = hashlib.sha256(f"{parts.text_encoder_sha256}+{digest}@{weight}".encode()).hexdigest()
     parts.merged_first = f"{Path(path).name} sha256={digest} weight={weight}"
 

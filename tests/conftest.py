@@ -77,3 +77,10 @@ def reduced(request):
     from sdtune.tiny import reduced_sd
 
     return (request.param, *reduced_sd(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """Tiny SDXL model (`sdtune make-tiny --arch sdxl`): SDXL 1.0's block layout and depths at reduced
+    width, CLIP-L and bigG with projection, both tokenizers; epsilon prediction."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sdxl", "epsilon", arch="sdxl_base_v1-0")
