@@ -110,7 +110,7 @@ def test_option_combinations_that_make_no_sense_are_rejected():
 
 
 # Each recipe for the user's own model and data, with the tiny model of its kind.
-USER_RECIPES = {"lora_eps.yaml": "tiny_eps", "lora_vpred.yaml": "tiny_sd2_v", "full_finetune.yaml": "tiny_eps"}
+USER_RECIPES = {"lora_eps.yaml": "tiny_eps", "lora_vpred.yaml": "tiny_sd2_v", "full_finetune.yaml": "tiny_eps", "lora_sdxl.yaml": "tiny_sdxl"}
 
 
 def test_every_recipe_is_covered_by_a_run():
@@ -156,7 +156,7 @@ def test_shipped_recipe_runs_with_only_model_and_data_paths_set(name, request, t
     assert result.steps == 2 and result.output == tmp_path / "out" / f"{shipped.output.name}.safetensors"
     if shipped.train.method == "lora":
         tensors, metadata = read_lora(result.output)
-        version = "sd_v2" if name == "lora_vpred.yaml" else "sd_v1"
+        version = {"lora_vpred.yaml": "sd_v2", "lora_sdxl.yaml": "sdxl_base_v1-0"}.get(name, "sd_v1")
         assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(version == "sd_v2")
         assert metadata["modelspec.prediction_type"] == {"epsilon": "epsilon", "v_prediction": "v"}[shipped.model.prediction_type]
         assert any(k.endswith("lora_up.weight") and tensors[k].abs().max() > 0 for k in tensors)
