@@ -3,7 +3,8 @@
 #
 #   bash launch.sh                           set up, then train the tiny demo (recipes/tiny_demo.yaml)
 #   bash launch.sh --set train.max_steps=50  the demo with recipe overrides
-#   bash launch.sh test [PYTEST ARGS]        set up with the test extras, run the test suite
+#   bash launch.sh test [PYTEST ARGS]        set up with the test extras, run the test suite (pytest-xdist:
+#                                            one worker per core, at most 4; SDTUNE_TEST_WORKERS=N to choose)
 #   bash launch.sh test --latest [ARGS]      the drift check: the suite in a fresh venv of the newest
 #                                            releases, and which versions differ from the lock
 #   bash launch.sh train RECIPE [--processes N] [ACCELERATE FLAGS] [--set K=V] [--resume X] [--debug]
@@ -92,12 +93,16 @@ latest() {  # latest [PYTEST ARGS]: the suite on the newest releases, in a venv 
     "$py" -m pip install --quiet --upgrade --upgrade-strategy eager -c "$venv/hold.txt" "${names[@]}"
     "$py" requirements/drift.py report requirements/test.lock --newest "${hold[@]}" | tee "$venv/drift.txt"
     set +e
-    SDTUNE_VENV="$venv" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$py" -m pytest "$@"
+    SDTUNE_VENV="$venv" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$py" -m pytest -n "${SDTUNE_TEST_WORKERS:-$(test_workers)}" "$@"
     rc=$?
     set -e
     cat "$venv/drift.txt"
     echo "launch.sh: the suite on the newest releases exited with $rc; after fixing what broke, \`bash launch.sh lock --upgrade\` moves the lock to them"
     return $rc
+}
+
+test_workers() {  # the test workers for this machine: the cores this process may use, at most 4
+    python3 -c 'import os; print(min(4, len(os.sched_getaffinity(0))))'  # (nproc obeys OMP_NUM_THREADS)
 }
 
 lock() {  # lock [UV ARGS]: resolve pyproject.toml + requirements/pins.in into both locks
@@ -185,7 +190,9 @@ case "${1:-demo}" in
         fi
         setup test
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-        exec "$PY" -m pytest "$@"
+        # One test worker per core (at most 4; SDTUNE_TEST_WORKERS=N to choose, 0 for none):
+        # the tests run one torch thread each, so two cores run two tests at once.
+        exec "$PY" -m pytest -n "${SDTUNE_TEST_WORKERS:-$(test_workers)}" "$@"
         ;;
     lock)
         shift
