@@ -23,7 +23,7 @@ import sdtune
 from sdtune import atomic
 from sdtune.export import ldm_keys as keys
 from sdtune.export.markers import flags_from_file
-from sdtune.export.metadata import MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION, SDXL
+from sdtune.export.metadata import MODELSPEC_ARCHITECTURE, MODELSPEC_IMPLEMENTATION, MODELSPEC_PREDICTION, SDXL
 from sdtune.export.sidecars import a1111_yaml, comfyui_workflow
 from sdtune.weight_files import read_weights as read_tensors  # the one loading policy (pickles need permission)
 
@@ -296,18 +296,32 @@ def save_checkpoint(
     for SD 2 and never assumes for SD 1).
     """
     path = Path(path)
+    resolution = 8 * unet.config.sample_size
+    written = [write_marked(path, ldm_tensors(unet, vae, text_encoder, version, dtype, extras), version, prediction_type,
+                            zero_terminal_snr, resolution, architecture_metadata(unet, vae, text_encoder), title, extra_metadata)]
+    if prediction_type == "v_prediction":
+        written.append(atomic.write_text(path.with_suffix(".yaml"), a1111_yaml(version, unet.config, vae.config, prediction_type)))
+        workflow = comfyui_workflow(path.name, prediction_type, zero_terminal_snr, resolution)
+        written.append(atomic.write_text(path.with_name(f"{path.stem}.comfyui.json"), json.dumps(workflow, indent=2)))
+    return written
+
+
+def write_marked(
+    path: Path, tensors: dict[str, torch.Tensor], version: str, prediction_type: str, zero_terminal_snr: bool,
+    resolution: int, architecture: str, title: str | None, extra_metadata: dict[str, str] | None,
+) -> Path:  # fmt: skip
+    """``tensors`` as a single file with rule 6's markers: the ``v_pred`` / ``ztsnr``
+    tensors (as ComfyUI writes them) and the modelspec metadata of ``version``."""
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: single-file checkpoints are written as .safetensors")
-    tensors = ldm_tensors(unet, vae, text_encoder, version, dtype, extras)
     if prediction_type == "v_prediction":
-        tensors["v_pred"] = torch.tensor([])  # as ComfyUI writes it
+        tensors["v_pred"] = torch.tensor([])
     if zero_terminal_snr:
         tensors["ztsnr"] = torch.tensor([])
-    resolution = 8 * unet.config.sample_size
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE[(version, prediction_type)],
-        "modelspec.implementation": "https://github.com/Stability-AI/stablediffusion",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[version],
         "modelspec.title": title or path.stem,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": MODELSPEC_PREDICTION[prediction_type],
@@ -315,11 +329,6 @@ def save_checkpoint(
         "sdtune.version": sdtune.__version__,
         "sdtune.base_model_version": version,
         "sdtune.zero_terminal_snr": str(zero_terminal_snr),
-        "sdtune.architecture": architecture_metadata(unet, vae, text_encoder),
+        "sdtune.architecture": architecture,
     } | (extra_metadata or {})
-    written = [atomic.save_safetensors(tensors, path, metadata)]
-    if prediction_type == "v_prediction":
-        written.append(atomic.write_text(path.with_suffix(".yaml"), a1111_yaml(version, unet.config, vae.config, prediction_type)))
-        workflow = comfyui_workflow(path.name, prediction_type, zero_terminal_snr, resolution)
-        written.append(atomic.write_text(path.with_name(f"{path.stem}.comfyui.json"), json.dumps(workflow, indent=2)))
-    return written
+    return atomic.save_safetensors(tensors, path, metadata)

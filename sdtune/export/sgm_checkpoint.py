@@ -11,18 +11,23 @@ SDXL-family models (``supported_models.SDXL.model_type``) and A1111 too
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
 import torch
 
-import sdtune
-from sdtune import atomic
 from sdtune.export import ldm_keys, sgm_keys
-from sdtune.export.checkpoint import HIDDEN_FIELDS, Checkpoint, _assign, base_config, read_tensors, vae_fields_from_shapes
+from sdtune.export.checkpoint import (
+    HIDDEN_FIELDS,
+    Checkpoint,
+    _assign,
+    base_config,
+    read_tensors,
+    vae_fields_from_shapes,
+    write_marked,
+)
 from sdtune.export.markers import flags_from_file
-from sdtune.export.metadata import MODELSPEC_ARCHITECTURE, MODELSPEC_IMPLEMENTATION, MODELSPEC_PREDICTION, SDXL
+from sdtune.export.metadata import SDXL
 
 SDXL_HIDDEN_FIELDS = HIDDEN_FIELDS | {"text_encoder_2": HIDDEN_FIELDS["text_encoder"]}
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -215,25 +220,7 @@ def save_sdxl_checkpoint(
 ) -> list[Path]:  # fmt: skip
     """Write an SDXL single-file checkpoint with the ``v_pred`` / ``ztsnr`` markers; returns the files written."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: single-file checkpoints are written as .safetensors")
     tensors = sgm_tensors(unet, vae, text_encoder, text_encoder_2, dtype, extras)
-    if prediction_type == "v_prediction":
-        tensors["v_pred"] = torch.tensor([])  # as ComfyUI writes it
-    if zero_terminal_snr:
-        tensors["ztsnr"] = torch.tensor([])
-    resolution = 8 * unet.config.sample_size
-    metadata = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[(SDXL, prediction_type)],
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[SDXL],
-        "modelspec.title": title or path.stem,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": MODELSPEC_PREDICTION[prediction_type],
-        "modelspec.date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "sdtune.version": sdtune.__version__,
-        "sdtune.base_model_version": SDXL,
-        "sdtune.zero_terminal_snr": str(zero_terminal_snr),
-        "sdtune.architecture": sdxl_architecture_metadata(unet, vae, text_encoder, text_encoder_2),
-    } | (extra_metadata or {})
-    return [atomic.save_safetensors(tensors, path, metadata)]
+    architecture = sdxl_architecture_metadata(unet, vae, text_encoder, text_encoder_2)
+    return [write_marked(path, tensors, SDXL, prediction_type, zero_terminal_snr, 8 * unet.config.sample_size, architecture,
+                         title, extra_metadata)]
