@@ -13,14 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sdtune import infotext
-from sdtune.export.kohya import TEXT_ENCODER_PREFIX, UNET_PREFIX, addressable_layers, merge_lora, read_lora_as_kohya
+from sdtune.export.kohya import (
+    TE1_PREFIX, TE2_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, addressable_layers, merge_lora, read_lora_as_kohya, sdxl_unet_table,
+)  # fmt: skip
 from sdtune.export.markers import flags_from_metadata, stated_flags
 from sdtune.hashes import file_sha256, weights_sha256
 from sdtune.errors import ModelFileError
 from sdtune.samplers import sampling_config
+from sdtune.sdxl import is_sdxl
 from sdtune.weight_files import check_folder, loading_folder
 
 LORA_KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -101,11 +104,16 @@ def load_pipeline(
         if not (model_path / "model_index.json").is_file():
             raise ModelFileError(f"--model {model_path} has no model_index.json; it is not a diffusers model folder")
         check_folder(model_path, allow_pickle)
+        sdxl = is_sdxl(model_path)
         with loading_folder(model_path):
-            pipe = StableDiffusionPipeline.from_pretrained(
-                model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-            )
-        short_hash = weights_sha256(model_path / "unet", model_path / "text_encoder", model_path / "vae")[:10]
+            if sdxl:  # the empty negative prompt encoded, as both UIs and caption dropout have it (not zeros)
+                pipe = StableDiffusionXLPipeline.from_pretrained(model_path, dtype=dtype, force_zeros_for_empty_prompt=False)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                )
+        encoders = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
+        short_hash = weights_sha256(model_path / "unet", *(model_path / e for e in encoders), model_path / "vae")[:10]
         flags_from = str(model_path / "scheduler" / "scheduler_config.json")
     # A LoRA trained for v-prediction / zero terminal SNR makes the model so: its metadata wins.
     said = [(lora, *flags_from_metadata(lora.metadata)) for lora in loras]
@@ -124,7 +132,7 @@ def load_pipeline(
     for lora in loras:
         lora.tensors = {key: value.to(device) for key, value in lora.tensors.items()}
     pipe.set_progress_bar_config(disable=True)  # `sdtune sample` shows one bar over all images
-    layers = addressable_layers(UNET_PREFIX, pipe.unet) | addressable_layers(TEXT_ENCODER_PREFIX, pipe.text_encoder)
+    layers = _lora_layers(pipe)
     base_weights = {}
     for lora in loras:
         names = {key.split(".", 1)[0] for key in lora.tensors}
@@ -146,14 +154,33 @@ def load_pipeline(
     )
 
 
+def _lora_layers(pipe) -> dict[str, torch.nn.Module]:
+    """Every layer a kohya LoRA may address in ``pipe``, by name (SDXL: SGM UNet names, lora_te1_/lora_te2_)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return (addressable_layers(UNET_PREFIX, pipe.unet, sdxl_unet_table(pipe.unet)) | addressable_layers(TE1_PREFIX, pipe.text_encoder)
+                | addressable_layers(TE2_PREFIX, pipe.text_encoder_2))
+    return addressable_layers(UNET_PREFIX, pipe.unet) | addressable_layers(TEXT_ENCODER_PREFIX, pipe.text_encoder)
+
+
 def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False) -> tuple[StableDiffusionPipeline, str]:
-    """A single-file (LDM) checkpoint as a pipeline, offline (sdtune ships the configs),
+    """A single-file (LDM, or SDXL's SGM) checkpoint as a pipeline, offline (sdtune ships the configs),
     with A1111's model hash: the first 10 hex digits of the file's SHA-256."""
     from diffusers import DDIMScheduler
 
     from sdtune.export.checkpoint import build_models, read_checkpoint
+    from sdtune.export.sgm_checkpoint import build_sdxl_models, read_sgm_checkpoint
     from sdtune.tiny import clip_tokenizer
 
+    if is_sdxl(path, allow_pickle):
+        checkpoint = read_sgm_checkpoint(path, allow_pickle)
+        unet, vae, text_encoder, text_encoder_2 = build_sdxl_models(checkpoint, dtype)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), text_encoder_2=text_encoder_2.to(dtype),
+            tokenizer=clip_tokenizer(checkpoint.configs["tokenizer"]["pad_token"]),
+            tokenizer_2=clip_tokenizer(checkpoint.configs["tokenizer_2"]["pad_token"]),
+            unet=unet, scheduler=DDIMScheduler.from_config(checkpoint.configs["scheduler"]), force_zeros_for_empty_prompt=False,
+        )
+        return pipe, file_sha256(path)[:10]
     checkpoint = read_checkpoint(path, allow_pickle)
     unet, vae, text_encoder = build_models(checkpoint, dtype)
     pipe = StableDiffusionPipeline(
@@ -184,7 +211,7 @@ def set_lora_weights(model: Model, weights: tuple[float, ...]) -> None:
     for layer, base in model.base_weights.values():
         layer.weight.copy_(base)
     for lora, weight in zip(model.loras, weights):
-        merge_lora(lora.tensors, model.pipe.unet, model.pipe.text_encoder, weight)
+        merge_lora(lora.tensors, model.pipe.unet, model.pipe.text_encoder, weight, getattr(model.pipe, "text_encoder_2", None))
     model.lora_weights = weights
 
 

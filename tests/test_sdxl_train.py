@@ -9,6 +9,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors import safe_open
 
@@ -22,6 +23,8 @@ from sdtune.export.sgm_checkpoint import read_sgm_checkpoint
 from sdtune.models import load_components
 from sdtune.sdxl import SdxlComponents, SdxlTextEncoders, add_time_ids, encode_sdxl_prompts, is_sdxl
 from sdtune.data.captions import tokenize
+from sdtune.pipeline import load_pipeline, set_lora_weights
+from sdtune.sample import main as sample_main
 from sdtune.train import main
 
 SDXL = "sdxl_base_v1-0"
@@ -131,6 +134,14 @@ def test_sdxl_lora_run_exports_a_kohya_file_that_reproduces_the_model(tiny_sdxl,
         for ours, theirs in zip(result.text_encoder(*ids), encode_sdxl_prompts(base.text_encoder, base.text_encoder_2, *ids)):
             torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
+    # `sdtune sample` loads the base as an SDXL pipeline and applies the file by the same rule.
+    model = load_pipeline(tiny_sdxl, [result.output], device=torch.device("cpu"), dtype=torch.float32)
+    assert isinstance(model.pipe, StableDiffusionXLPipeline)
+    set_lora_weights(model, (1.0,))
+    torch.testing.assert_close(_unet_output(model.pipe.unet), trained, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.pipe.text_encoder_2(ids[1]).text_embeds, result.text_encoder(*ids)[1], rtol=0, atol=1e-5)
+
 
 def test_sdxl_full_finetune_writes_an_sgm_file_that_reads_back(tiny_sdxl, small_dataset, tmp_path):
     """v-prediction with zero terminal SNR on the tiny base: the single file is SGM with the
@@ -158,6 +169,15 @@ def test_sdxl_full_finetune_writes_an_sgm_file_that_reads_back(tiny_sdxl, small_
     assert any(not torch.equal(v, trained[k]) for k, v in base.unet.state_dict().items())  # it did train
     with pytest.raises(ValueError, match="set model.prediction_type: v_prediction"):
         load_components(path, "epsilon", zero_terminal_snr=False)
+
+    # `sdtune sample` draws from the file as SDXL, v-prediction with zero terminal SNR from its markers.
+    model = load_pipeline(path, device=torch.device("cpu"))
+    assert isinstance(model.pipe, StableDiffusionXLPipeline)
+    assert (model.prediction_type, model.zero_terminal_snr) == ("v_prediction", True)
+    written = sample_main(["--model", str(path), "--prompt", "a red circle", "--steps", "2", "--size", "64x48", "--seed", "1",
+                           "--out", str(tmp_path / "samples")])
+    with Image.open(written[0]) as image:
+        assert image.size == (64, 48) and "Steps: 2" in image.info["parameters"]
 
 
 def test_pooled_embedding_and_size_ids_reach_the_loss(tiny_sdxl, small_dataset, tmp_path, monkeypatch):
