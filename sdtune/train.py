@@ -36,9 +36,9 @@ import sdtune  # noqa: F401  (first: it quiets library notices before the librar
 from sdtune import atomic, training_state
 from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.compute import highest_on_any_process, make_accelerator
+from sdtune.conditioning import unet_conditioning
 from sdtune.data.buckets import BucketBatchSampler
 from sdtune.data.cache import CacheStats, cached_datasets, default_cache_dir, fill_caches
-from sdtune.conditioning import unet_conditioning
 from sdtune.data.captions import drop_caption_parts
 from sdtune.data.plan import DataPlan, plan_data, skipped_report, warnings_for
 from sdtune.diffusion import (

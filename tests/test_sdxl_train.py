@@ -108,9 +108,11 @@ def test_sdxl_lora_loss_falls_on_a_fixed_batch(tiny_sdxl):
 
 def test_sdxl_lora_run_exports_a_kohya_file_that_reproduces_the_model(tiny_sdxl, small_dataset, tmp_path):
     """UNet and both text encoders trained (text encoders in the loop), exported with kohya's SDXL
-    names: merged into a fresh base by the UIs' rule, it gives the trained UNet and encoders."""
-    result = main(_args(tiny_sdxl, small_dataset, tmp_path, "train.max_steps=3", "export.dtype=fp32", "lora.alpha=4",
-                        "lora.text_encoder=true", "train.learning_rate=1e-2"))
+    names: merged into a fresh base by the UIs' rule, it gives the trained UNet and encoders. A run
+    stopped after step 1 and resumed ends with the same file."""
+    run = ("train.max_steps=3", "export.dtype=fp32", "lora.alpha=4", "lora.text_encoder=true", "train.learning_rate=1e-2",
+           "data.caption_dropout=0.3")
+    result = main(_args(tiny_sdxl, small_dataset, tmp_path, *run))
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     assert result.text_cache is None and isinstance(result.text_encoder, SdxlTextEncoders)
     tensors, metadata = read_lora(result.output)
@@ -141,6 +143,13 @@ def test_sdxl_lora_run_exports_a_kohya_file_that_reproduces_the_model(tiny_sdxl,
     torch.testing.assert_close(_unet_output(model.pipe.unet), trained, rtol=0, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(model.pipe.text_encoder_2(ids[1]).text_embeds, result.text_encoder(*ids)[1], rtol=0, atol=1e-5)
+
+    resumed_dir, cache = tmp_path / "resumed", f"data.cache_dir={tmp_path / 'cache'}"  # the latents are cached already
+    main(_args(tiny_sdxl, small_dataset, resumed_dir, *run, cache, "train.max_steps=2", "checkpoint.every_steps=1"))  # saves step 1
+    resumed = main([*_args(tiny_sdxl, small_dataset, resumed_dir, *run, cache, "output.overwrite=true"), "--resume", "latest"])
+    assert resumed.losses == result.losses[1:]
+    again = read_lora(resumed.output)[0]
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
 def test_sdxl_full_finetune_writes_an_sgm_file_that_reads_back(tiny_sdxl, small_dataset, tmp_path):
