@@ -325,3 +325,46 @@ def test_a_lora_that_changes_nothing_is_named_at_the_end_of_the_run(tiny_v, smal
     assert "56 of 56 LoRA layers change nothing" in capsys.readouterr().err
     main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", "output.name=real"))
     assert "change nothing" not in capsys.readouterr().err
+
+
+def test_a_large_files_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """Base-model hashes are remembered across runs, keyed by the files' identity and
+    change times: a second run reads nothing, and a file rewritten in place with its
+    size and modification time put back is hashed again (its ctime moved)."""
+    import hashlib
+
+    from sdtune import hashes
+
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "REMEMBER_FROM_BYTES", 1)
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    (folder / "config.json").write_text("{}")
+    by_hand = hashlib.sha256(b"unet/config.json\0{}unet/diffusion_pytorch_model.safetensors\0" + b"a" * 4096).hexdigest()
+    first = hashes.weights_sha256(folder)
+    whole_file = hashes.file_sha256(weights)
+    assert first == by_hand and whole_file == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert len(list((tmp_path / "cache" / "hashes").rglob("*.txt"))) == 2
+
+    def no_reading(*args):
+        raise AssertionError("a remembered digest was computed again")
+
+    monkeypatch.setattr(hashes, "_read_into", no_reading)
+    assert hashes.weights_sha256(folder) == first and hashes.file_sha256(weights) == whole_file
+    monkeypatch.undo()
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "REMEMBER_FROM_BYTES", 1)
+
+    before = weights.stat()
+    with open(weights, "r+b") as handle:  # same size, same mtime afterwards: only the ctime tells
+        handle.write(b"b")
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == before.st_mtime_ns and weights.stat().st_size == before.st_size
+    assert hashes.file_sha256(weights) == hashlib.sha256(b"b" + b"a" * 4095).hexdigest()
+    assert hashes.weights_sha256(folder) != first
+
+    # A cache folder that cannot be written costs only the hashing.
+    monkeypatch.setenv("SDTUNE_CACHE", str(weights))  # a file: nothing can be made below it
+    assert hashes.file_sha256(weights) == hashlib.sha256(b"b" + b"a" * 4095).hexdigest()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 from dataclasses import astuple, dataclass
@@ -38,6 +37,7 @@ from sdtune.data.captions import shuffle_tags, tokenize, with_prefix
 from sdtune.data.images import load_crop
 from sdtune.data.plan import DataPlan, Item
 from sdtune.errors import DataError
+from sdtune.hashes import sdtune_cache_dir as default_cache_dir  # noqa: F401  (where callers look for it)
 from sdtune.hashes import tensors_sha256
 from sdtune.models import encode_prompts
 from sdtune.sdxl import encode_sdxl_prompts
@@ -138,12 +138,6 @@ def cached_datasets(plan: DataPlan, caches: Caches, parts, shuffle_tags: bool, k
         prefixes=[i.sample.prefix for i in plan.validation], time_ids=val_ids,
     )
     return train_set, val_set, empty_conditioning(parts)
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("SDTUNE_CACHE"):
-        return Path(os.environ["SDTUNE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdtune"
 
 
 def entry_path(cache_dir: Path, kind: str, key: str) -> Path:
