@@ -37,8 +37,10 @@ def add_lora(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     init: str = "default",
+    exclude: list[str] | None = None,
 ) -> list[str]:
-    """Freeze ``model`` and add a trainable LoRA to every module whose name ends in a target.
+    """Freeze ``model`` and add a trainable LoRA to every module whose name ends in a target
+    (but the modules named in ``exclude``, by their full path).
 
     Convolutions with a kernel larger than 1x1 get ``conv_rank``/``conv_alpha``
     when given (kohya's conv_dim/conv_alpha). Returns the adapted module names.
@@ -61,6 +63,7 @@ def add_lora(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         init_lora_weights=INITS[init],
+        exclude_modules=exclude or None,
     )
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)

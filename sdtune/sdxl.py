@@ -169,6 +169,17 @@ class SdxlTextEncoders(torch.nn.Module):
         self.text_encoder_2.gradient_checkpointing_enable()
 
 
+def unused_text_encoder_modules(module: torch.nn.Module | None) -> list[str]:
+    """Modules of ``text_encoders``' result that no output depends on, to leave without LoRA:
+    CLIP-L's last layer in SDXL (the UNet reads its penultimate hidden state; bigG's last
+    layer feeds the pooled embedding, so it stays). None for SD 1/2."""
+    if not isinstance(module, SdxlTextEncoders):
+        return []
+    layers = next(name for name, m in module.text_encoder.named_modules() if name.endswith("encoder.layers"))
+    last = f"text_encoder.{layers}.{len(module.text_encoder.get_submodule(layers)) - 1}."
+    return [name for name, _ in module.named_modules() if name.startswith(last)]
+
+
 def text_encoders(parts) -> torch.nn.Module | None:
     """What the trainer treats as the text encoder: SD's, or SDXL's two together (None once freed)."""
     if not isinstance(parts, SdxlComponents) or parts.text_encoder is None:

@@ -60,7 +60,7 @@ from sdtune.outputs import RunFolder
 from sdtune.recipe import Recipe, load_recipe
 from sdtune.report import render_report
 from sdtune.samplers import default_cfg_rescale, make_sampler, sampling_config
-from sdtune.sdxl import SdxlComponents, text_encoders
+from sdtune.sdxl import SdxlComponents, text_encoders, unused_text_encoder_modules
 from sdtune.tiny import clip_tokenizer
 
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny_demo.yaml"  # shipped with the package
@@ -380,7 +380,8 @@ def _make_trainable(
     if method == "lora":
         add_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.unet_targets(), lora.conv_rank, lora.conv_alpha, lora.init)
         if text_encoder is not None:
-            add_lora(text_encoder, lora.rank, lora.alpha, lora.dropout, lora.text_encoder_target_modules, init=lora.init)
+            add_lora(text_encoder, lora.rank, lora.alpha, lora.dropout, lora.text_encoder_target_modules, init=lora.init,
+                     exclude=unused_text_encoder_modules(text_encoder))
             cast_training_params(text_encoder, dtype=torch.float32)
         cast_training_params(unet, dtype=torch.float32)
     else:

@@ -106,7 +106,7 @@ def test_sdxl_lora_loss_falls_on_a_fixed_batch(tiny_sdxl):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_sdxl_lora_run_exports_a_kohya_file_that_reproduces_the_model(tiny_sdxl, small_dataset, tmp_path):
+def test_sdxl_lora_run_exports_a_kohya_file_that_reproduces_the_model(tiny_sdxl, small_dataset, tmp_path, capsys):
     """UNet and both text encoders trained (text encoders in the loop), exported with kohya's SDXL
     names: merged into a fresh base by the UIs' rule, it gives the trained UNet and encoders. A run
     stopped after step 1 and resumed ends with the same file."""
@@ -118,6 +118,11 @@ def test_sdxl_lora_run_exports_a_kohya_file_that_reproduces_the_model(tiny_sdxl,
     tensors, metadata = read_lora(result.output)
     prefixes = {name.split("_")[1] for name in {k.split(".", 1)[0] for k in tensors}}
     assert prefixes == {"unet", "te1", "te2"}
+    # CLIP-L's last layer feeds nothing SDXL reads: no LoRA there, and so no "changes nothing" warning.
+    layers = {k.split(".", 1)[0] for k in tensors}
+    assert "lora_te1_text_model_encoder_layers_10_self_attn_q_proj" in layers and "lora_te2_text_model_encoder_layers_31_self_attn_q_proj" in layers
+    assert not any(name.startswith("lora_te1_text_model_encoder_layers_11_") for name in layers)
+    assert "change nothing" not in capsys.readouterr().err
     assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in {k.split(".", 1)[0] for k in tensors}  # SGM names
     assert metadata["ss_base_model_version"] == SDXL and metadata["ss_v2"] == "False"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
