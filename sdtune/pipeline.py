@@ -53,12 +53,13 @@ class Model:
     lora_weights: tuple[float, ...] = ()  # what is merged in now
 
 
-def read_lora_file(path: str | Path, allow_pickle: bool = False) -> Lora:
-    """A kohya LoRA (what sdtune train writes), or a diffusers/peft one converted to kohya names."""
+def read_lora_file(path: str | Path, allow_pickle: bool = False, sdxl: bool = False) -> Lora:
+    """A kohya LoRA (what sdtune train writes), or a diffusers/peft one converted to kohya names
+    (SDXL's with ``sdxl``: lora_te1_/lora_te2_ and SGM UNet names)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
-    tensors, metadata = read_lora_as_kohya(path, allow_pickle)
+    tensors, metadata = read_lora_as_kohya(path, allow_pickle, sdxl=sdxl)
     foreign = [key for key in tensors if not key.endswith(LORA_KEY_SUFFIXES)]
     if foreign:
         raise ValueError(
@@ -92,7 +93,7 @@ def load_pipeline(
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if not model_path.exists():
         raise FileNotFoundError(f"--model {model_path} does not exist; point it at a diffusers model folder or a .safetensors checkpoint")
-    loras = [read_lora_file(p, allow_pickle) for p in lora_paths]
+    loras = [read_lora_file(p, allow_pickle, sdxl=is_sdxl(model_path, allow_pickle)) for p in lora_paths]
     names = [lora.name for lora in loras]
     if len(set(names)) != len(names):
         raise ValueError(f"two LoRA files share a name ({', '.join(names)}); prompts and hashes name LoRAs by file name, so rename one")

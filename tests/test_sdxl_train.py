@@ -5,6 +5,7 @@ reproducing the trained model."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from sdtune.adapters import UNET_PRESETS, add_lora, trainable_parameters
+from sdtune.adapters import UNET_PRESETS, add_lora, lora_layers, trainable_parameters
 from sdtune.data.images import ImageInfo, load_crop, place_crop
 from sdtune.data.plan import BucketSpec, Item, plan_dataset, size_conditioning
 from sdtune.data.sources import Source
@@ -144,6 +146,19 @@ def test_sdxl_lora_run_exports_a_kohya_file_that_reproduces_the_model(tiny_sdxl,
     # `sdtune sample` loads the base as an SDXL pipeline and applies the file by the same rule.
     model = load_pipeline(tiny_sdxl, [result.output], device=torch.device("cpu"), dtype=torch.float32)
     assert isinstance(model.pipe, StableDiffusionXLPipeline)
+    set_lora_weights(model, (1.0,))
+    torch.testing.assert_close(_unet_output(model.pipe.unet), trained, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.pipe.text_encoder_2(ids[1]).text_embeds, result.text_encoder(*ids)[1], rtol=0, atol=1e-5)
+
+    # The same LoRA as a diffusers/PEFT file (lora_A/lora_B, alphas in lora_adapter_metadata) samples the same.
+    peft = {f"{component}.{path}.lora_{part}.weight": getattr(layer, f"lora_{part}")["default"].weight.detach().clone()
+            for component, model in (("unet", result.unet), ("text_encoder", result.text_encoder.text_encoder),
+                                     ("text_encoder_2", result.text_encoder.text_encoder_2))
+            for path, layer in lora_layers(model).items() for part in "AB"}
+    adapter = {f"{c}.lora_alpha": 4.0 for c in ("unet", "text_encoder", "text_encoder_2")}
+    save_file(peft, tmp_path / "peft.safetensors", metadata={"lora_adapter_metadata": json.dumps(adapter)})
+    model = load_pipeline(tiny_sdxl, [tmp_path / "peft.safetensors"], device=torch.device("cpu"), dtype=torch.float32)
     set_lora_weights(model, (1.0,))
     torch.testing.assert_close(_unet_output(model.pipe.unet), trained, rtol=0, atol=1e-5)
     with torch.no_grad():
