@@ -121,7 +121,8 @@ def build_trained_base(
     start, made_from = work / "start", {"seed": seed, "images": images, "vae_steps": vae_steps,
                                         "prediction_type": recipe.model.prediction_type}
     vae_record = _reusable_start(start, made_from)
-    if vae_record is None:
+    reused = vae_record is not None
+    if not reused:
         torch.manual_seed(seed)
         vae = tiny_base_vae()
         vae_record = asdict(train_vae(vae, load_images(data, world.SIDE), vae_steps, batch_size=8, seed=seed))
@@ -147,7 +148,9 @@ def build_trained_base(
         shutil.copytree(folder, tmp)
         record = {"seed": seed, "images": images, "vae_steps": vae_steps, "unet_steps": result.steps,
                   "threads": torch.get_num_threads(), "vae": vae_record,
-                  "seconds": timings | {"total_s": time.perf_counter() - started}, "recipe": recipe.model_dump(mode="json")}
+                  "vae_reused": reused,
+                  # Each stage's time; a reused VAE's is that of the build that trained it.
+                  "seconds": timings | {"total_s": sum(timings.values())}, "recipe": recipe.model_dump(mode="json")}
         (tmp / BUILD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
         atomic.publish_folder(tmp, out_dir)
     finally:

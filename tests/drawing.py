@@ -47,6 +47,24 @@ def contrast(images: list[Image.Image]) -> float:
     return float(np.mean([np.asarray(im, dtype=np.float64).reshape(-1, 3).std(0).mean() for im in images]))
 
 
+def trigger_prompts() -> list[str]:
+    """16 prompts that name the held-out pair only by the trigger word."""
+    return [f"a {world.TRIGGER} {kind} {where}" for kind in world.KINDS
+            for where in ("in the center", "on the left", "at the top", "in the bottom right")]
+
+
+def diffusers_draw(model_path: Path, prompts: list[str], lora_file: Path | None = None) -> list[Image.Image]:
+    """diffusers alone: the folder's own scheduler, ``load_lora_weights`` for the kohya file."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file))
+    return pipe(prompts, num_inference_steps=20, guidance_scale=5.0, guidance_rescale=0.7, height=world.SIDE,
+                width=world.SIDE, generator=[torch.Generator().manual_seed(s) for s in SEEDS[: len(prompts)]]).images
+
+
 def black_background_prompts() -> list[str]:
     """16 prompts in the dataset's grammar, each asking for a black background."""
     kinds, colours = world.KINDS, [c for c in world.COLOURS if world.contrasts(c, "black")]
@@ -71,10 +89,18 @@ def main(model_path: Path = SHIPPED_BASE) -> None:
     model = load_pipeline(model_path, device=torch.device("cpu"))
     prompts = [s.caption for s in scenes]
     print("base, euler_a:", judged(draw(model, prompts, SEEDS), scenes))
+    print("base, diffusers StableDiffusionPipeline:", judged(diffusers_draw(model_path, prompts), scenes))
     noisy = draw(model, prompts, SEEDS, sampler="ddpm", steps=50)
     mean = draw(model, prompts, SEEDS, sampler="ddpm", steps=50, ddpm_noise=False)
     print("ddpm:", judged(noisy, scenes), "contrast", contrast(noisy))
     print("ddpm --ddpm-no-noise:", judged(mean, scenes), "contrast", contrast(mean))
+    lora_file = model_path.with_name(f"{model_path.name}-{world.TRIGGER}.safetensors")
+    if lora_file.is_file():
+        prompts, scenes = trigger_prompts(), [{"colour": world.HELD_OUT[0], "background": world.HELD_OUT[1]}] * len(SEEDS)
+        with_lora = load_pipeline(model_path, [lora_file], device=torch.device("cpu"))
+        print("trigger prompts, LoRA at 0:", judged(draw(with_lora, prompts, SEEDS, lora_weight=0.0), scenes))
+        print("trigger prompts, LoRA at 1:", judged(draw(with_lora, prompts, SEEDS, lora_weight=1.0), scenes))
+        print("trigger prompts, diffusers load_lora_weights:", judged(diffusers_draw(model_path, prompts, lora_file), scenes))
     print("black backgrounds, euler_a:", darkness(draw(model, black_background_prompts(), SEEDS)))
     print("black backgrounds, ddim:", darkness(draw(model, black_background_prompts(), SEEDS, sampler="ddim")))
 
