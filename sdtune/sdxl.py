@@ -170,14 +170,15 @@ class SdxlTextEncoders(torch.nn.Module):
 
 
 def unused_text_encoder_modules(module: torch.nn.Module | None) -> list[str]:
-    """Modules of ``text_encoders``' result that no output depends on, to leave without LoRA:
-    CLIP-L's last layer in SDXL (the UNet reads its penultimate hidden state; bigG's last
-    layer feeds the pooled embedding, so it stays). None for SD 1/2."""
+    """Modules of ``text_encoders``' result that no output depends on, to leave untrained:
+    CLIP-L's last layer and final layer norm in SDXL (the UNet reads its penultimate hidden
+    state; bigG's last layer feeds the pooled embedding, so it stays). None for SD 1/2."""
     if not isinstance(module, SdxlTextEncoders):
         return []
     layers = next(name for name, m in module.text_encoder.named_modules() if name.endswith("encoder.layers"))
     last = f"text_encoder.{layers}.{len(module.text_encoder.get_submodule(layers)) - 1}."
-    return [name for name, _ in module.named_modules() if name.startswith(last)]
+    norm = next(f"text_encoder.{name}" for name, m in module.text_encoder.named_modules() if name.endswith("final_layer_norm"))
+    return [name for name, _ in module.named_modules() if name.startswith(last)] + [norm]
 
 
 def text_encoders(parts) -> torch.nn.Module | None:

@@ -388,6 +388,8 @@ def _make_trainable(
         unet.requires_grad_(True)
         if text_encoder is not None:
             text_encoder.requires_grad_(True)
+            for name in unused_text_encoder_modules(text_encoder):  # no gradient reaches them (DDP would wait for one)
+                text_encoder.get_submodule(name).requires_grad_(False)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if text_encoder is not None:

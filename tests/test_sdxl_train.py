@@ -257,3 +257,28 @@ def test_pooled_embedding_and_size_ids_reach_the_loss(tiny_sdxl, small_dataset, 
     reference = loss()
     assert loss(time_ids=added["time_ids"] + torch.tensor([256.0, 0, 0, 0, 0, 0])) != pytest.approx(reference, abs=1e-6)
     assert loss(text_embeds=torch.zeros_like(added["text_embeds"])) != pytest.approx(reference, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_every_trained_text_encoder_weight_gets_a_gradient(tiny_sdxl, method):
+    """What DDP needs of each step (it stops at step 2 when a trained weight got no gradient):
+    with both SDXL encoders trained, every trainable tensor gets one from one loss. CLIP-L's
+    last layer and final norm feed nothing SDXL reads, so they are left untrained."""
+    from sdtune.conditioning import unet_conditioning
+    from sdtune.recipe import recipe_from_dict
+    from sdtune.sdxl import text_encoders
+    from sdtune.train import _make_trainable
+
+    parts = load_components(tiny_sdxl, "epsilon", zero_terminal_snr=False)
+    encoders = text_encoders(parts)
+    lora = recipe_from_dict({"lora": {"text_encoder": True}} if method == "lora" else {}).lora
+    groups = _make_trainable(parts.unet, encoders, method, lora, "sdpa", False, 1e-4, None, torch.device("cpu"), torch.float32)
+    hidden, added = unet_conditioning(dict(zip(("input_ids", "input_ids_2"), _ids(parts, ["a red circle"]))), encoders,
+                                      add_time_ids((64, 64), (0, 0), (64, 64))[None])
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    denoising_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise, torch.tensor([500]), **added).backward()
+    trained = {name: p for name, p in encoders.named_parameters() if p.requires_grad}
+    assert {p for p in trained.values()} == set(groups[1]["params"])
+    assert any(".layers.31." in name for name in trained) and not any(".layers.11." in name for name in trained if name.startswith("text_encoder."))
+    assert [name for name, p in trained.items() if p.grad is None] == []  # (lora_A's is 0 while lora_B starts at 0)
