@@ -339,7 +339,20 @@ def _warn_unchanged_layers(lora_file: Path) -> None:
 def _print_resume(signal: int, step: int, saved: Path | None) -> None:
     print(f"sdtune: stopped by signal {signal} after step {step}; state saved to {saved}")
     print("sdtune: resume with the same command plus --resume latest:")
-    print("  " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv, "--resume", "latest"]))
+    print("  " + " ".join(shlex.quote(a) for a in [sys.executable, *_without_resume(sys.argv), "--resume", "latest"]))
+
+
+def _without_resume(argv: list[str]) -> list[str]:
+    """``argv`` less any ``--resume X`` / ``--resume=X`` it already had (a resumed run stopped again)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return kept
 
 
 def _announce(plan: DataPlan, model_name: str, base_model_version: str, folder: RunFolder, claimed: list[str], logger: str,

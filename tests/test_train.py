@@ -675,3 +675,13 @@ def test_full_finetune_with_the_text_encoder(tiny_eps, small_dataset, tmp_path):
     assert not all(torch.equal(v, at_step_2.unet[k]) for k, v in final.unet.items())
     with pytest.raises(RecipeError, match="needs train.method: full"):
         load_recipe("recipes/tiny_demo.yaml", ["train.full_text_encoder=true"])
+
+
+def test_the_resume_hint_of_a_resumed_run_says_resume_once(monkeypatch, capsys, tmp_path):
+    from sdtune.train import _print_resume
+
+    for given in (["--resume", "latest"], ["--resume=step-00000004"], []):
+        monkeypatch.setattr("sys.argv", ["sdtune/train.py", "--recipe", "r.yaml", *given, "--set", "train.max_steps=8"])
+        _print_resume(15, 6, tmp_path / "step-00000006")
+        hint = capsys.readouterr().out.splitlines()[-1].split()
+        assert hint[1:] == ["sdtune/train.py", "--recipe", "r.yaml", "--set", "train.max_steps=8", "--resume", "latest"]
