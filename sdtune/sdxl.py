@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtune.diffusion import make_noise_scheduler
-from sdtune.errors import ModelFileError
+from sdtune.errors import ModelFileError, UserError
 from sdtune.export.metadata import SDXL
 from sdtune.export.sgm_checkpoint import build_sdxl_models, checkpoint_from_sgm, is_sgm
 from sdtune.hashes import file_sha256, tensors_sha256, weights_sha256
@@ -169,16 +169,21 @@ class SdxlTextEncoders(torch.nn.Module):
         self.text_encoder_2.gradient_checkpointing_enable()
 
 
-def unused_text_encoder_modules(module: torch.nn.Module | None) -> list[str]:
-    """Modules of ``text_encoders``' result that no output depends on, to leave untrained:
+def unused_text_encoder_modules(module: torch.nn.Module | None, trained: str = "both") -> list[str]:
+    """Modules of ``text_encoders``' result to leave untrained: those no output depends on,
     CLIP-L's last layer and final layer norm in SDXL (the UNet reads its penultimate hidden
-    state; bigG's last layer feeds the pooled embedding, so it stays). None for SD 1/2."""
+    state; bigG's last layer feeds the pooled embedding, so it stays), and with ``trained``
+    ``te1`` or ``te2`` (lora.sdxl_text_encoders) every module of the other encoder. None for SD 1/2."""
     if not isinstance(module, SdxlTextEncoders):
+        if trained != "both":
+            raise UserError(f"lora.sdxl_text_encoders: {trained} is for SDXL models, which have two text encoders; "
+                            "this base has one: remove the setting")
         return []
     layers = next(name for name, m in module.text_encoder.named_modules() if name.endswith("encoder.layers"))
     last = f"text_encoder.{layers}.{len(module.text_encoder.get_submodule(layers)) - 1}."
     norm = next(f"text_encoder.{name}" for name, m in module.text_encoder.named_modules() if name.endswith("final_layer_norm"))
-    return [name for name, _ in module.named_modules() if name.startswith(last)] + [norm]
+    other = {"both": None, "te1": "text_encoder_2.", "te2": "text_encoder."}[trained]
+    return [name for name, _ in module.named_modules() if name.startswith(last) or (other and name.startswith(other))] + [norm]
 
 
 def text_encoders(parts) -> torch.nn.Module | None:

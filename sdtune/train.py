@@ -394,7 +394,7 @@ def _make_trainable(
         add_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.unet_targets(), lora.conv_rank, lora.conv_alpha, lora.init)
         if text_encoder is not None:
             add_lora(text_encoder, lora.rank, lora.alpha, lora.dropout, lora.text_encoder_target_modules, init=lora.init,
-                     exclude=unused_text_encoder_modules(text_encoder))
+                     exclude=unused_text_encoder_modules(text_encoder, lora.sdxl_text_encoders))
             cast_training_params(text_encoder, dtype=torch.float32)
         cast_training_params(unet, dtype=torch.float32)
     else:

@@ -172,6 +172,27 @@ def test_sdxl_lora_run_exports_a_kohya_file_that_reproduces_the_model(tiny_sdxl,
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
+@pytest.mark.parametrize("which, other", [("te1", "te2"), ("te2", "te1")])
+def test_a_text_encoder_lora_on_one_of_the_two_encoders(tiny_sdxl, small_dataset, tmp_path, which, other):
+    """lora.sdxl_text_encoders: te1 (CLIP-L) or te2 (bigG) alone gets the LoRA; the other stays as it was."""
+    result = main(_args(tiny_sdxl, small_dataset, tmp_path, "train.max_steps=1", "export.dtype=fp32", "lora.text_encoder=true",
+                        f"lora.sdxl_text_encoders={which}"))
+    prefixes = {name.split("_")[1] for name in {k.split(".", 1)[0] for k in read_lora(result.output)[0]}}
+    assert prefixes == {"unet", which}
+    untouched = getattr(result.text_encoder, {"te1": "text_encoder", "te2": "text_encoder_2"}[other])
+    assert not lora_layers(untouched) and not any(p.requires_grad for p in untouched.parameters())
+
+
+def test_choosing_an_sdxl_text_encoder_on_an_sd_model_says_what_to_change(tiny_eps, small_dataset, tmp_path):
+    from sdtune.errors import UserError
+    from sdtune.recipe import RecipeError
+
+    with pytest.raises(UserError, match="lora.sdxl_text_encoders: te2 is for SDXL models.*remove the setting"):
+        main(_args(tiny_eps, small_dataset, tmp_path, "train.max_steps=1", "lora.text_encoder=true", "lora.sdxl_text_encoders=te2"))
+    with pytest.raises(RecipeError, match="lora.sdxl_text_encoders: te1 needs lora.text_encoder: true"):
+        main(_args(tiny_eps, small_dataset, tmp_path, "lora.sdxl_text_encoders=te1"))
+
+
 def test_sdxl_full_finetune_writes_an_sgm_file_that_reads_back(tiny_sdxl, small_dataset, tmp_path):
     """v-prediction with zero terminal SNR on the tiny base: the single file is SGM with the
     v_pred / ztsnr markers, trains again as SDXL (its markers checked against the recipe), and

@@ -231,6 +231,11 @@ class LoraSection(_Section):
         min_length=1,
         description=f"Text-encoder layers that get a LoRA; any of {', '.join(TEXT_ENCODER_TARGETS)}.",
     )
+    sdxl_text_encoders: Literal["both", "te1", "te2"] = Field(
+        "both",
+        description="SDXL, with lora.text_encoder: which text encoder gets the LoRA: `te1` (CLIP ViT-L, exported as "
+        "`lora_te1_`), `te2` (OpenCLIP ViT-bigG, `lora_te2_`) or `both`.",
+    )
 
     @model_validator(mode="after")
     def _preset_or_custom(self) -> LoraSection:
@@ -238,6 +243,8 @@ class LoraSection(_Section):
             raise ValueError(f"lora.target_modules is used only with lora.preset: custom (preset is {self.preset!r})")
         if self.target_modules is None and self.preset == "custom":
             raise ValueError("lora.preset: custom needs lora.target_modules (UNet module names)")
+        if self.sdxl_text_encoders != "both" and not self.text_encoder:
+            raise ValueError(f"lora.sdxl_text_encoders: {self.sdxl_text_encoders} needs lora.text_encoder: true")
         return self
 
     def unet_targets(self) -> list[str]:
