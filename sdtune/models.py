@@ -13,6 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtune.diffusion import make_noise_scheduler
 from sdtune.errors import MissingExtraError, ModelFileError, UserError
+from sdtune.export.markers import check_training_flags
 from sdtune.hashes import file_sha256, tensors_sha256, weights_sha256
 from sdtune.sdxl import SdxlComponents, is_sdxl, load_sdxl_components
 from sdtune.weight_files import check_folder, loading_folder
@@ -93,18 +94,7 @@ def load_single_file(
     from sdtune.tiny import clip_tokenizer
 
     checkpoint = read_checkpoint(path, allow_pickle)
-    # A file that states its prediction type must agree with the recipe: training
-    # a v model on epsilon targets (or the reverse) silently ruins it.
-    if checkpoint.prediction_type not in (None, prediction_type):
-        raise ValueError(
-            f"{path} is marked {checkpoint.prediction_type} (v_pred tensor or modelspec.prediction_type), "
-            f"but model.prediction_type is {prediction_type}; set model.prediction_type: {checkpoint.prediction_type}"
-        )
-    if checkpoint.zero_terminal_snr is not None and checkpoint.zero_terminal_snr != zero_terminal_snr:
-        raise ValueError(
-            f"{path} is marked zero_terminal_snr={checkpoint.zero_terminal_snr}, but model.zero_terminal_snr is "
-            f"{zero_terminal_snr}; set model.zero_terminal_snr: {str(checkpoint.zero_terminal_snr).lower()}"
-        )
+    check_training_flags(path, (checkpoint.prediction_type, checkpoint.zero_terminal_snr), prediction_type, zero_terminal_snr)
     unet, vae, text_encoder = build_models(checkpoint, unet_dtype)
     pad_token = checkpoint.configs["tokenizer"]["pad_token"]
     return Components(

@@ -20,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from sdtune.diffusion import make_noise_scheduler
 from sdtune.errors import ModelFileError, UserError
+from sdtune.export.markers import check_training_flags
 from sdtune.export.metadata import SDXL
 from sdtune.export.sgm_checkpoint import build_sdxl_models, checkpoint_from_sgm, is_sgm
 from sdtune.hashes import file_sha256, tensors_sha256, weights_sha256
@@ -105,17 +106,7 @@ def _load_single_file(path: Path, prediction_type: str, zero_terminal_snr: bool,
         raise ModelFileError(f"{path} is not an SDXL-family checkpoint (no conditioner.embedders.* text encoders)")
     checkpoint = checkpoint_from_sgm(path, tensors, metadata)
     del tensors
-    # A file that states its prediction type must agree with what training is asked to do.
-    if checkpoint.prediction_type not in (None, prediction_type):
-        raise ValueError(
-            f"{path} is marked {checkpoint.prediction_type} (v_pred tensor or modelspec.prediction_type), "
-            f"but model.prediction_type is {prediction_type}; set model.prediction_type: {checkpoint.prediction_type}"
-        )
-    if checkpoint.zero_terminal_snr is not None and checkpoint.zero_terminal_snr != zero_terminal_snr:
-        raise ValueError(
-            f"{path} is marked zero_terminal_snr={checkpoint.zero_terminal_snr}, but model.zero_terminal_snr is "
-            f"{zero_terminal_snr}; set model.zero_terminal_snr: {str(checkpoint.zero_terminal_snr).lower()}"
-        )
+    check_training_flags(path, (checkpoint.prediction_type, checkpoint.zero_terminal_snr), prediction_type, zero_terminal_snr)
     unet, vae, text_encoder, text_encoder_2 = build_sdxl_models(checkpoint, unet_dtype)
     pads = [checkpoint.configs[sub]["pad_token"] for sub in ("tokenizer", "tokenizer_2")]
     return SdxlComponents(

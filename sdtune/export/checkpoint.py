@@ -108,24 +108,11 @@ def split_ldm(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str
 def configs_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], prediction_type: str | None) -> dict[str, dict]:
     """diffusers configs for the LDM tensor ``shapes`` (full keys), starting from the shipped SD config."""
     configs = base_config(version)
-    u = {k.removeprefix(keys.UNET_PREFIX): s for k, s in shapes.items() if k.startswith(keys.UNET_PREFIX)}
-    levels = 1 + sum(1 for k in u if k.startswith("input_blocks.") and k.endswith(".op.weight"))
-    last_input = max(int(k.split(".")[1]) for k in u if k.startswith("input_blocks."))
-    per_level = (last_input + 1) // levels  # resnets + the downsampler
-    first = [1 + i * per_level for i in range(levels)]
-    attention = [f"input_blocks.{n}.1.proj_in.weight" in u for n in first]
-    widths = [u[f"input_blocks.{n}.0.out_layers.3.weight"][0] for n in first]
+    u, first, attention, fields = unet_fields_from_shapes(shapes)
+    widths = fields["block_out_channels"]
     mid_blocks = {k.split(".")[3] for k in u if k.startswith("middle_block.1.transformer_blocks.")}
     unet = configs["unet"]
-    unet |= {
-        "in_channels": u["input_blocks.0.0.weight"][1],
-        "out_channels": u["out.2.weight"][0],
-        "block_out_channels": widths,
-        "layers_per_block": per_level - 1,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-        "cross_attention_dim": u["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
-        "use_linear_projection": len(u["middle_block.1.proj_in.weight"]) == 2,
+    unet |= fields | {
         "transformer_layers_per_block": len(mid_blocks),
         # SD 1: 8 heads everywhere; SD 2: 64-channel heads (diffusers calls the head count attention_head_dim).
         "attention_head_dim": 8 if version == "sd_v1" else [max(1, w // 64) for w in widths],
@@ -157,6 +144,28 @@ def configs_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], predic
         "num_attention_heads": max(1, hidden // 64),
     }
     return configs
+
+
+def unet_fields_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[int], list[bool], dict]:
+    """The UNet config fields the LDM UNet tensor ``shapes`` (full keys) show, which SD and SDXL
+    share (their UNet keys have one layout); returns (the UNet's shapes by key without the
+    prefix, each level's first input block, whether each level has attention, the fields)."""
+    u = {k.removeprefix(keys.UNET_PREFIX): s for k, s in shapes.items() if k.startswith(keys.UNET_PREFIX)}
+    levels = 1 + sum(1 for k in u if k.startswith("input_blocks.") and k.endswith(".op.weight"))
+    last_input = max(int(k.split(".")[1]) for k in u if k.startswith("input_blocks."))
+    per_level = (last_input + 1) // levels  # resnets + the downsampler
+    first = [1 + i * per_level for i in range(levels)]
+    attention = [f"input_blocks.{n}.1.proj_in.weight" in u for n in first]
+    return u, first, attention, {
+        "in_channels": u["input_blocks.0.0.weight"][1],
+        "out_channels": u["out.2.weight"][0],
+        "block_out_channels": [u[f"input_blocks.{n}.0.out_layers.3.weight"][0] for n in first],
+        "layers_per_block": per_level - 1,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "cross_attention_dim": u["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
+        "use_linear_projection": len(u["middle_block.1.proj_in.weight"]) == 2,
+    }
 
 
 def vae_fields_from_shapes(shapes: dict[str, tuple[int, ...]], sample_size: int) -> dict:

@@ -61,3 +61,19 @@ def stated_flags(path: str | Path) -> Flags:
     if path.suffix != ".safetensors":  # a pickle says nothing without unpickling; its sidecar may
         return flags_from_file(path, set(), {})
     return flags_from_file(path, *read_header(path))
+
+
+def check_training_flags(path: Path, marked: Flags, prediction_type: str, zero_terminal_snr: bool) -> None:
+    """A file that states its prediction type or zero terminal SNR must agree with the recipe:
+    training a v model on epsilon targets (or the reverse) silently ruins it."""
+    marked_type, marked_ztsnr = marked
+    if marked_type not in (None, prediction_type):
+        raise ValueError(
+            f"{path} is marked {marked_type} (v_pred tensor or modelspec.prediction_type), "
+            f"but model.prediction_type is {prediction_type}; set model.prediction_type: {marked_type}"
+        )
+    if marked_ztsnr is not None and marked_ztsnr != zero_terminal_snr:
+        raise ValueError(
+            f"{path} is marked zero_terminal_snr={marked_ztsnr}, but model.zero_terminal_snr is "
+            f"{zero_terminal_snr}; set model.zero_terminal_snr: {str(marked_ztsnr).lower()}"
+        )

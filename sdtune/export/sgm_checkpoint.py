@@ -23,6 +23,7 @@ from sdtune.export.checkpoint import (
     _assign,
     base_config,
     read_tensors,
+    unet_fields_from_shapes,
     vae_fields_from_shapes,
     write_marked,
 )
@@ -74,13 +75,8 @@ def _depths(u: dict[str, tuple[int, ...]], block: str) -> int:
 def configs_from_sgm_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
     """diffusers configs for the SGM tensor ``shapes`` (full keys), starting from the shipped SDXL config."""
     configs = base_config(SDXL)
-    u = {k.removeprefix(ldm_keys.UNET_PREFIX): s for k, s in shapes.items() if k.startswith(ldm_keys.UNET_PREFIX)}
-    levels = 1 + sum(1 for k in u if k.startswith("input_blocks.") and k.endswith(".op.weight"))
-    last_input = max(int(k.split(".")[1]) for k in u if k.startswith("input_blocks."))
-    per_level = (last_input + 1) // levels
-    first = [1 + i * per_level for i in range(levels)]
-    attention = [f"input_blocks.{n}.1.proj_in.weight" in u for n in first]
-    widths = [u[f"input_blocks.{n}.0.out_layers.3.weight"][0] for n in first]
+    u, first, attention, fields = unet_fields_from_shapes(shapes)
+    widths = fields["block_out_channels"]
     # diffusers gives each level one transformer depth (the middle block takes the last level's).
     depths = [_depths(u, f"input_blocks.{n}.1") if has else 1 for n, has in zip(first, attention)]
     if _depths(u, "middle_block.1") != depths[-1]:
@@ -91,16 +87,8 @@ def configs_from_sgm_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, dic
     te2 = {k.removeprefix(sgm_keys.BIGG_PREFIX): s for k, s in shapes.items() if k.startswith(sgm_keys.BIGG_PREFIX)}
     pooled = te2["text_projection"][1]
     adm_in = u["label_emb.0.0.weight"][1]
-    configs["unet"] |= {
-        "in_channels": u["input_blocks.0.0.weight"][1],
-        "out_channels": u["out.2.weight"][0],
-        "block_out_channels": widths,
-        "layers_per_block": per_level - 1,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+    configs["unet"] |= fields | {
         "transformer_layers_per_block": depths,
-        "cross_attention_dim": u["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
-        "use_linear_projection": len(u["middle_block.1.proj_in.weight"]) == 2,
         "attention_head_dim": [max(1, w // 64) for w in widths],
         "projection_class_embeddings_input_dim": adm_in,
         # add_embedding reads the pooled text embedding and six Fourier-embedded size/crop numbers.
