@@ -206,11 +206,8 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     configs = configs_from_shapes(version, shapes, prediction)
     stored = json.loads(metadata.get("sdtune.architecture", "{}"))
     unet, te = configs["unet"], configs["text_encoder"]
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if k not in ldm_keys.MARKER_KEYS})
     report.lines += [
-        f"{path.name}: full model, single-file LDM checkpoint, {len(tensors)} tensors ({', '.join(dtypes)})",
-        f"base model: {_VERSION_NAMES[version]}",
-        f"prediction type: {prediction or 'not stated'}; zero terminal SNR: {'not stated' if ztsnr is None else ztsnr}",
+        *_full_model_lines(path, tensors, "LDM", version, prediction, ztsnr),
         f"  unet: widths {unet['block_out_channels']}, {unet['layers_per_block']} layers per block, "
         f"context {unet['cross_attention_dim']}, {'linear' if unet['use_linear_projection'] else 'conv'} transformer projections",
         f"  text encoder: {te['num_hidden_layers']} layers used, width {te['hidden_size']}"
@@ -222,10 +219,7 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     _prediction_in_the_uis(report, path, version, prediction, ztsnr)
     _metadata_lines(report, metadata)
     if ignored:
-        report.warnings.append(
-            f"{len(ignored)} stray tensor(s) outside the model (e.g. {ignored[0]}): EMA copies or training state; "
-            "the UIs ignore them, they only take space"
-        )
+        report.warnings.append(_stray_warning(ignored))
     if prediction is None and version == "sd_v2":
         report.warnings.append(
             "SD 2 with no prediction-type marker: ComfyUI guesses eps/v from the weights and A1111 from a test run; "
@@ -234,17 +228,29 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     return report
 
 
+def _full_model_lines(path: Path, tensors: dict[str, torch.Tensor], layout: str, version: str, prediction, ztsnr) -> list[str]:
+    """The first lines of a full model's report: what file, which base, what its markers say."""
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if k not in ldm_keys.MARKER_KEYS})
+    return [
+        f"{path.name}: full model, single-file {layout} checkpoint, {len(tensors)} tensors ({', '.join(dtypes)})",
+        f"base model: {_VERSION_NAMES[version]}",
+        f"prediction type: {prediction or 'not stated'}; zero terminal SNR: {'not stated' if ztsnr is None else ztsnr}",
+    ]
+
+
+def _stray_warning(ignored: list[str]) -> str:
+    return (f"{len(ignored)} stray tensor(s) outside the model (e.g. {ignored[0]}): EMA copies or training state; "
+            "the UIs ignore them, they only take space")
+
+
 def _sdxl_checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Report:
     report = Report()
     parts, ignored = split_sgm(tensors)
     prediction, ztsnr = flags_from_file(path, set(parts["markers"]), metadata)
     configs = configs_from_sgm_shapes({k: tuple(v.shape) for part in parts.values() for k, v in part.items()})
     unet, te1, te2 = configs["unet"], configs["text_encoder"], configs["text_encoder_2"]
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if k not in ldm_keys.MARKER_KEYS})
     report.lines += [
-        f"{path.name}: full model, single-file SGM (SDXL) checkpoint, {len(tensors)} tensors ({', '.join(dtypes)})",
-        f"base model: {_VERSION_NAMES[SDXL]}",
-        f"prediction type: {prediction or 'not stated'}; zero terminal SNR: {'not stated' if ztsnr is None else ztsnr}",
+        *_full_model_lines(path, tensors, "SGM (SDXL)", SDXL, prediction, ztsnr),
         f"  unet: widths {unet['block_out_channels']}, {unet['layers_per_block']} layers per block, transformer depths "
         f"{[d if a.startswith('CrossAttn') else 0 for d, a in zip(unet['transformer_layers_per_block'], unet['down_block_types'])]}, "
         f"context {unet['cross_attention_dim']}, size/crop embedding {unet['projection_class_embeddings_input_dim']} wide",
@@ -271,10 +277,7 @@ def _sdxl_checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], metada
         report.warnings.append("zero terminal SNR is stated, but there is no ztsnr tensor: ComfyUI samples it without; re-export with --zero-terminal-snr")
     _metadata_lines(report, metadata)
     if ignored:
-        report.warnings.append(
-            f"{len(ignored)} stray tensor(s) outside the model (e.g. {ignored[0]}): EMA copies or training state; "
-            "the UIs ignore them, they only take space"
-        )
+        report.warnings.append(_stray_warning(ignored))
     return report
 
 
