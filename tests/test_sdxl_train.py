@@ -234,7 +234,6 @@ def test_pooled_embedding_and_size_ids_reach_the_loss(tiny_sdxl, small_dataset, 
     """Cached text: every sample reaches the loss with its caption's pooled embedding (or, dropped,
     the empty caption's, with the empty caption's hidden states: a caption drops whole) and its
     view's size/crop ids; and the loss depends on both."""
-    import sdtune.train as trainer
 
     seen = []
 
@@ -243,7 +242,7 @@ def test_pooled_embedding_and_size_ids_reach_the_loss(tiny_sdxl, small_dataset, 
                      "args": (unet, scheduler, latents.detach().clone(), conditioning.detach().clone(), noise, timesteps, objective)})
         return denoising_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise, **kwargs)
 
-    monkeypatch.setattr(trainer, "denoising_loss", record)
+    monkeypatch.setattr("sdtune.loop.denoising_loss", record)
     result = main(_args(tiny_sdxl, small_dataset, tmp_path, "train.max_steps=2", "data.caption_dropout=0.5", "train.seed=3"))
     assert result.text_cache is not None and result.text_cache.encoded > 0
 
@@ -288,7 +287,7 @@ def test_every_trained_text_encoder_weight_gets_a_gradient(tiny_sdxl, method):
     from sdtune.conditioning import unet_conditioning
     from sdtune.recipe import recipe_from_dict
     from sdtune.sdxl import text_encoders
-    from sdtune.train import _make_trainable
+    from sdtune.trainable import make_trainable as _make_trainable
 
     parts = load_components(tiny_sdxl, "epsilon", zero_terminal_snr=False)
     encoders = text_encoders(parts)

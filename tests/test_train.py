@@ -333,10 +333,11 @@ def test_non_finite_loss_never_writes_weights(tiny_v, small_dataset, tmp_path, p
 def loss_inputs(monkeypatch):
     """What reaches the loss at every micro-batch of a run (the trainer's own
     denoising_loss, recorded on the way in), and the optimizers it built."""
+    import sdtune.loop as loop
     import sdtune.train as trainer
 
     seen, optimizers = [], []
-    real_loss, real_optimizer = trainer.denoising_loss, trainer.make_optimizer
+    real_loss, real_optimizer = loop.denoising_loss, trainer.make_optimizer
 
     def record(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise=None):
         seen.append({
@@ -350,7 +351,7 @@ def loss_inputs(monkeypatch):
         optimizers.append(real_optimizer(*args, **kwargs))
         return optimizers[-1]
 
-    monkeypatch.setattr(trainer, "denoising_loss", record)
+    monkeypatch.setattr(loop, "denoising_loss", record)
     monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
     return seen, optimizers
 
@@ -625,10 +626,11 @@ def test_frozen_encoders_are_freed_before_step_1_unless_previews_need_them(tiny_
     import gc
     import weakref
 
+    import sdtune.loop
     import sdtune.train as train_module
 
     encoders, alive_at_step_1 = [], []
-    original_loss = train_module.denoising_loss
+    original_loss = sdtune.loop.denoising_loss
 
     def load(*args, **kwargs):
         parts = load_components(*args, **kwargs)
@@ -642,7 +644,7 @@ def test_frozen_encoders_are_freed_before_step_1_unless_previews_need_them(tiny_
         return original_loss(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "load_components", load)
-    monkeypatch.setattr(train_module, "denoising_loss", loss)
+    monkeypatch.setattr(sdtune.loop, "denoising_loss", loss)
     extra = ("preview.prompts=[a red circle]", "preview.steps=1", "preview.every_steps=100") if previews else ()
     result = main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2", *extra))
     assert alive_at_step_1 == [previews, previews]
@@ -678,7 +680,7 @@ def test_full_finetune_with_the_text_encoder(tiny_eps, small_dataset, tmp_path):
 
 
 def test_the_resume_hint_of_a_resumed_run_says_resume_once(monkeypatch, capsys, tmp_path):
-    from sdtune.train import _print_resume
+    from sdtune.run_report import print_resume as _print_resume
 
     for given in (["--resume", "latest"], ["--resume=step-00000004"], []):
         monkeypatch.setattr("sys.argv", ["sdtune/train.py", "--recipe", "r.yaml", *given, "--set", "train.max_steps=8"])
