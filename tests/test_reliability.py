@@ -213,7 +213,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_not_run(tiny_v, small_
         assert (step1 / name).is_file()
         original = (step1 / name).read_bytes()
         (step1 / name).write_bytes(pickle.dumps({"state": _Boom()}, protocol=2))
-        with pytest.raises(UserError, match=rf"checkpoint .*step-00000001 cannot be read"):
+        with pytest.raises(UserError, match=r"checkpoint .*step-00000001 cannot be read"):
             main([*args, "--resume", str(step1)])
         assert not (tmp_path / "boom-was-run").exists(), name
         (step1 / name).write_bytes(original)

@@ -10,26 +10,19 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-# The six CLIP text-encoder layer kinds both UIs can address (shared/DESIGN.md, rule 3).
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-PREDICTION_ALIASES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
-MAX_LEARNING_RATE = 10.0  # far above any real one (prodigy wants 1.0); larger ones only diverge
-MAX_RESOLUTION = 4096
-MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
-MAX_TRAIN_SEED = 2**31 - 1  # accelerate seeds process N with train.seed + N, which must stay a numpy seed
-
-
-class _Section(BaseModel):
-    # inf and nan are refused in every float field: no setting means "infinitely" here.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def _not_blank(value: str | None, field: str) -> str | None:
-    if value is not None and not value.strip():  # "" would scan the working directory
-        raise ValueError(f"{field} is empty; give a folder, a file or a dataset name")
-    return value
+from sdtune.recipe.base import (  # noqa: F401  (re-exported)
+    MAX_LEARNING_RATE,
+    MAX_RESOLUTION,
+    MAX_SEED,
+    MAX_TRAIN_SEED,
+    PREDICTION_ALIASES,
+    TEXT_ENCODER_TARGETS,
+    _not_blank,
+    _Section,
+)
+from sdtune.recipe.lora import LoraSection
 
 
 class ModelSection(_Section):
@@ -199,69 +192,6 @@ class DataSection(_Section):
                 f"set data.bucket_step: 8 (or another divisor) or a resolution that is a multiple of it"
             )
         return self
-
-
-class LoraSection(_Section):
-    rank: int = Field(16, ge=1, description="LoRA rank (kohya: network_dim).")
-    alpha: float = Field(
-        16.0, gt=0, description="LoRA alpha; updates are scaled by alpha/rank (kohya: network_alpha)."
-    )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
-    preset: Literal["attention", "attention+ff", "locon", "custom"] = Field(
-        "attention",
-        description="UNet layers that get a LoRA: `attention` (q/k/v/out), `attention+ff` (and the feed-forward), "
-        "`locon` (every linear and conv of the transformer, resnet and resampling blocks), or `custom` "
-        "(lora.target_modules).",
-    )
-    target_modules: list[str] | None = Field(
-        None, min_length=1, description="With lora.preset: custom, the UNet module names (suffixes) that get a LoRA."
-    )
-    conv_rank: int | None = Field(None, ge=1, description="Rank of LoRAs on 3x3 convolutions (kohya conv_dim); null: lora.rank.")
-    conv_alpha: float | None = Field(None, gt=0, description="Alpha of LoRAs on 3x3 convolutions (kohya conv_alpha); null: lora.alpha.")
-    init: Literal["default", "gaussian"] = Field(
-        "default", description="LoRA down-projection init: peft's `default` (Kaiming-uniform) or `gaussian`; up starts at 0."
-    )
-    merge_first: str | None = Field(
-        None, description="A kohya LoRA file merged into the base before training, to train a new LoRA on top of it."
-    )
-    merge_first_weight: float = Field(1.0, description="Strength of lora.merge_first, as in the UIs.")
-    text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder (disables the text cache).")
-    text_encoder_target_modules: list[str] = Field(
-        ["q_proj", "k_proj", "v_proj", "out_proj"],
-        min_length=1,
-        description=f"Text-encoder layers that get a LoRA; any of {', '.join(TEXT_ENCODER_TARGETS)}.",
-    )
-    sdxl_text_encoders: Literal["both", "te1", "te2"] = Field(
-        "both",
-        description="SDXL, with lora.text_encoder: which text encoder gets the LoRA: `te1` (CLIP ViT-L, exported as "
-        "`lora_te1_`), `te2` (OpenCLIP ViT-bigG, `lora_te2_`) or `both`.",
-    )
-
-    @model_validator(mode="after")
-    def _preset_or_custom(self) -> LoraSection:
-        if self.target_modules is not None and self.preset != "custom":
-            raise ValueError(f"lora.target_modules is used only with lora.preset: custom (preset is {self.preset!r})")
-        if self.target_modules is None and self.preset == "custom":
-            raise ValueError("lora.preset: custom needs lora.target_modules (UNet module names)")
-        if self.sdxl_text_encoders != "both" and not self.text_encoder:
-            raise ValueError(f"lora.sdxl_text_encoders: {self.sdxl_text_encoders} needs lora.text_encoder: true")
-        return self
-
-    def unet_targets(self) -> list[str]:
-        from sdtune.adapters import UNET_PRESETS
-
-        return self.target_modules if self.preset == "custom" else UNET_PRESETS[self.preset]
-
-    @field_validator("text_encoder_target_modules")
-    @classmethod
-    def _addressable(cls, value: list[str]) -> list[str]:
-        bad = [name for name in value if name not in TEXT_ENCODER_TARGETS]
-        if bad:
-            raise ValueError(
-                f"lora.text_encoder_target_modules {bad} cannot be loaded by the UIs; "
-                f"use only {list(TEXT_ENCODER_TARGETS)}"
-            )
-        return value
 
 
 class TrainSection(_Section):
@@ -467,7 +397,9 @@ class Recipe(_Section):
             raise ValueError("train.full_text_encoder trains all text-encoder weights, which needs train.method: full "
                              "(for a LoRA, use lora.text_encoder: true)")
         if self.model.zero_terminal_snr and self.preview.prompts:
-            from sdtune.samplers import SAMPLERS  # diffusers' schedulers: imported only when previews are asked for
+            from sdtune.samplers import (
+                SAMPLERS,  # diffusers' schedulers: imported only when previews are asked for
+            )
 
             if not SAMPLERS[self.preview.sampler].zero_terminal_snr:
                 usable = [name for name, sampler in SAMPLERS.items() if sampler.zero_terminal_snr]
