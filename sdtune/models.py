@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +47,38 @@ def load_components(
     zero_terminal_snr: bool,
     unet_dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    random_init_seed: int | None = None,
 ) -> Components | SdxlComponents:
     """Load an SD 1.x/2.x or SDXL model (diffusers folder or single-file checkpoint), with the training schedule set up.
 
     The VAE and text encoder load in fp32: they fill the caches, whose entries
-    must not depend on the training precision.
+    must not depend on the training precision. With ``random_init_seed``
+    (model.init: random) the UNet and text encoder(s) keep only their
+    architecture: their weights are drawn afresh from that seed.
     """
-    path = Path(path)
+    parts = _load(Path(path), prediction_type, zero_terminal_snr, unet_dtype, allow_pickle)
+    return parts if random_init_seed is None else reinitialise(parts, random_init_seed)
+
+
+def reinitialise(parts: Components | SdxlComponents, seed: int) -> Components | SdxlComponents:
+    """``parts`` with a UNet and text encoder(s) of the same architecture and dtype but fresh
+    weights, drawn as their classes initialise them, from ``seed`` (the global RNG is left
+    as it was). What they are trained against, and the text cache's key, say so."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts.unet = UNet2DConditionModel.from_config(parts.unet.config).to(parts.unet.dtype)
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(parts, name, None)
+            if encoder is not None:
+                setattr(parts, name, type(encoder)(encoder.config).to(encoder.dtype))
+    marker = f"random init seed={seed} of "
+    parts.sha256 = hashlib.sha256((marker + parts.sha256).encode()).hexdigest()
+    parts.text_encoder_sha256 = hashlib.sha256((marker + parts.text_encoder_sha256).encode()).hexdigest()
+    return parts
+
+
+def _load(path: Path, prediction_type: str, zero_terminal_snr: bool, unet_dtype: torch.dtype,
+          allow_pickle: bool) -> Components | SdxlComponents:
     if not path.exists():
         raise FileNotFoundError(
             f"model.path {path} does not exist; point it at a diffusers model folder or a single-file "

@@ -100,7 +100,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # the run here with the full list, or are skipped and written down (data.on_bad_image).
     plan = plan_data(data, opt.seed, clip_tokenizer())  # SD 1 and 2 share the BPE: token counts need no model
     parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr,
-                            weight_dtype if opt.method == "lora" else torch.float32, model.allow_pickle)  # full: fp32 master weights
+                            weight_dtype if opt.method == "lora" else torch.float32, model.allow_pickle,  # full: fp32 master weights
+                            opt.seed if model.init == "random" else None)
     if train_te:
         check_sd2_text_encoder_targets(lora.text_encoder_target_modules, parts.base_model_version)
     if lora.merge_first:
@@ -140,11 +141,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if preview.prompts:
         make_sampler(preview.sampler, preview_schedule)  # a sampler that cannot run this model fails now, not at step 100
     cfg_rescale = preview.cfg_rescale if preview.cfg_rescale is not None else default_cfg_rescale(model.zero_terminal_snr)
-    position, history = training_state.Position(step=0, epoch=0, batch_in_epoch=0, micro_steps=0), {}
-    if resume_from is not None:
-        position, history = training_state.resume_state(resume_from, recipe.model_dump(mode="json"), models, ema, accelerator)
-        if is_main:
-            print(f"sdtune: resumed from {resume_from} at step {position.step}")
+    position, history = training_state.start_or_resume(resume_from, recipe.model_dump(mode="json"), models, ema, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers(out.name, config=flat_config(recipe.model_dump(mode="json")))
     spec = ResultSpec(

@@ -191,6 +191,17 @@ def save_state(
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "checkpoint", "output", "data.num_workers")
 
 
+def start_or_resume(path: Path | None, recipe: dict, models: dict, ema, accelerator) -> tuple[Position, dict]:
+    """Where the run starts: step 0 with no history, or the checkpoint at ``path`` loaded
+    into it (see ``resume_state``), which the main process says."""
+    if path is None:
+        return Position(step=0, epoch=0, batch_in_epoch=0, micro_steps=0), {}
+    position, history = resume_state(path, recipe, models, ema, accelerator)
+    if accelerator.is_local_main_process:
+        print(f"sdtune: resumed from {path} at step {position.step}")
+    return position, history
+
+
 def resume_state(path: Path, recipe: dict, models: dict, ema, accelerator) -> tuple[Position, dict]:
     """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a
     changed one). Returns where the run is and its history so far."""

@@ -47,6 +47,12 @@ class ModelSection(_Section):
         description="Rescale the noise schedule so the last timestep is pure noise "
         "(Lin et al. 2023). Needs v_prediction.",
     )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="`random`: train from scratch: the UNet and text encoder keep model.path's architecture "
+        "(and its VAE, tokenizer and schedule) but their weights are drawn afresh from train.seed. "
+        "Needs train.method: full.",
+    )
 
     @field_validator("prediction_type", mode="before")
     @classmethod
@@ -393,6 +399,9 @@ class Recipe(_Section):
     def _cross_section(self) -> Recipe:
         if self.lora.text_encoder and self.train.method != "lora":
             raise ValueError("lora.text_encoder trains a text-encoder LoRA, which needs train.method: lora")
+        if self.model.init == "random" and self.train.method != "full":
+            raise ValueError(f"model.init: random trains from fresh weights, which needs train.method: full "
+                             f"(train.method is {self.train.method}: an adapter on random weights learns nothing usable)")
         if self.train.full_text_encoder and self.train.method != "full":
             raise ValueError("train.full_text_encoder trains all text-encoder weights, which needs train.method: full "
                              "(for a LoRA, use lora.text_encoder: true)")
