@@ -1,4 +1,4 @@
-"""LoRA adapters through peft's own API (``inject_adapter_in_model``).
+"""LoRA adapters (and DoRA, LoHa, LoKr) through peft's own API (``inject_adapter_in_model``).
 
 Not through diffusers' / transformers' ``add_adapter`` mixins: those gate on the
 installed peft version (transformers 5.25 demands a peft that did not exist yet),
@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lycoris_utils import LycorisLayer
 
 ADAPTER = "default"
 
@@ -26,6 +27,9 @@ UNET_PRESETS = {
     "locon": _ATTENTION + _FEED_FORWARD + _BLOCKS,
 }
 INITS = {"default": True, "gaussian": "gaussian"}  # both start with lora_up = 0: the model starts as the base
+# LyCORIS' algorithms as peft implements them; each starts with a zero update too (LoHa's
+# hada_w2_b, LoKr's w1 start at 0). Their dropout is rank/module dropout, not lora.dropout.
+ALGORITHMS = {"lora": LoraConfig, "loha": LoHaConfig, "lokr": LoKrConfig}
 
 
 def add_lora(
@@ -38,6 +42,8 @@ def add_lora(
     conv_alpha: float | None = None,
     init: str = "default",
     exclude: list[str] | None = None,
+    algorithm: str = "lora",
+    use_dora: bool = False,
 ) -> list[str]:
     """Freeze ``model`` and add a trainable LoRA to every module whose name ends in a target
     (but the modules named in ``exclude``, by their full path).
@@ -45,7 +51,10 @@ def add_lora(
     Convolutions with a kernel larger than 1x1 get ``conv_rank``/``conv_alpha``
     when given (kohya's conv_dim/conv_alpha). Returns the adapted module names.
     peft scales the update by ``alpha / rank``, the same rule kohya and both UIs
-    use, so the alpha is exported unchanged.
+    use, so the alpha is exported unchanged. ``algorithm`` ``loha`` / ``lokr`` adds
+    peft's LoHa / LoKr layers instead (LyCORIS' algorithms; ``dropout`` must then be 0);
+    ``use_dora`` makes a LoRA a DoRA (Liu et al. 2024: a trained magnitude per output
+    channel times the normalised ``W + BA``).
     """
     model.requires_grad_(False)
     rank_pattern, alpha_pattern = {}, {}
@@ -55,16 +64,14 @@ def add_lora(
             if wide_conv and any(name == t or name.endswith("." + t) for t in target_modules):
                 rank_pattern[re.escape(name)] = conv_rank or rank
                 alpha_pattern[re.escape(name)] = conv_alpha or alpha
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        init_lora_weights=INITS[init],
-        exclude_modules=exclude or None,
-    )
+    common = dict(r=rank, target_modules=target_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                  exclude_modules=exclude or None)
+    if algorithm == "lora":
+        config = LoraConfig(lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=INITS[init], use_dora=use_dora, **common)
+    elif use_dora or dropout or init != "default":
+        raise ValueError(f"{algorithm} takes no use_dora, dropout or init (those are LoRA's)")
+    else:
+        config = ALGORITHMS[algorithm](alpha=alpha, init_weights=True, **common)
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as exc:
@@ -72,9 +79,9 @@ def add_lora(
     return list(lora_layers(model))
 
 
-def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
-    """Adapted modules by their path in ``model`` (the path of the layer they wrap)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer | LycorisLayer]:
+    """Adapted modules (LoRA/DoRA, LoHa or LoKr) by their path in ``model`` (the path of the layer they wrap)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, (LoraLayer, LycorisLayer))}
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -54,10 +54,12 @@ def make_trainable(
         if method == "lora":
             text_encoder.to(dtype=weight_dtype)
     if method == "lora":
-        add_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.unet_targets(), lora.conv_rank, lora.conv_alpha, lora.init)
+        add_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.unet_targets(), lora.conv_rank, lora.conv_alpha, lora.init,
+                 algorithm=lora.algorithm, use_dora=lora.use_dora)
         if text_encoder is not None:
             add_lora(text_encoder, lora.rank, lora.alpha, lora.dropout, lora.text_encoder_target_modules, init=lora.init,
-                     exclude=unused_text_encoder_modules(text_encoder, lora.sdxl_text_encoders))
+                     exclude=unused_text_encoder_modules(text_encoder, lora.sdxl_text_encoders),
+                     algorithm=lora.algorithm, use_dora=lora.use_dora)
             cast_training_params(text_encoder, dtype=torch.float32)
         cast_training_params(unet, dtype=torch.float32)
     else:
@@ -103,7 +105,11 @@ def merge_first(parts, path: str, weight: float, allow_pickle: bool) -> None:
 
 
 def network_args(lora) -> dict[str, str]:
-    """kohya's ss_network_args: conv_dim/conv_alpha when 3x3 convolutions are adapted."""
+    """kohya's ss_network_args: conv_dim/conv_alpha when 3x3 convolutions are adapted; for LoHa,
+    LoKr and DoRA, LyCORIS' (lycoris.kohya) ``algo`` and ``dora_wd``/``wd_on_output``."""
+    from sdtune.export.lycoris import lycoris_network_args
+
+    args = lycoris_network_args(lora.algorithm, lora.use_dora)
     if lora.preset not in ("locon", "custom") or (lora.conv_rank is None and lora.conv_alpha is None):
-        return {}
-    return {"conv_dim": str(lora.conv_rank or lora.rank), "conv_alpha": str(lora.conv_alpha or lora.alpha)}
+        return args
+    return args | {"conv_dim": str(lora.conv_rank or lora.rank), "conv_alpha": str(lora.conv_alpha or lora.alpha)}

@@ -13,13 +13,15 @@ import yaml
 
 from sdtune.export import ldm_keys
 from sdtune.export.checkpoint import configs_from_shapes, read_tensors, split_ldm
+from sdtune.export import lycoris
 from sdtune.export.kohya import PEFT_KEY, partial_sd2_attention
 from sdtune.export.markers import flags_from_file
 from sdtune.export.metadata import SDXL
 from sdtune.export.sgm_checkpoint import configs_from_sgm_shapes, is_sgm, split_sgm
 
-KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
-KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+KOHYA_PARTS = lycoris.PARTS  # LoRA's, and DoRA's, LoHa's and LoKr's (LyCORIS keys)
+KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(" + "|".join(re.escape(p) for p in KOHYA_PARTS) + ")")
+ALGORITHM_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 # Module kinds a LoRA layer name belongs to, for the rank/alpha summary: first match wins.
 MODULE_KINDS = (
     ("text encoder attention", re.compile(r"lora_te\d?_.*self_attn")),
@@ -63,6 +65,9 @@ def _lora_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
             stray.append(key)
     version = _lora_version(layers, peft_layers, tensors, metadata)
     fmt = "kohya" if layers and not peft_layers else "PEFT/diffusers (dotted names)" if peft_layers and not layers else "mixed kohya + PEFT"
+    algorithms = sorted({lycoris.algorithm(parts) for parts in layers.values()} - {"lora", "unknown"})
+    if algorithms:
+        fmt += f" with LyCORIS {'/'.join(ALGORITHM_NAMES[a] for a in algorithms)}"
     report.lines += [
         f"{path.name}: LoRA, {fmt} keys, {len(layers) + len(peft_layers)} layers",
         f"base model: {_VERSION_NAMES.get(version, 'unknown (SD 1, SD 2 or SDXL?)')}",
@@ -74,13 +79,18 @@ def _lora_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     for name, parts in layers.items():
         kind = next(k for k, pattern in MODULE_KINDS if pattern.match(name)) if name.startswith(("lora_unet_", "lora_te")) else "other"
         counts[kind] += 1
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            report.warnings.append(f"{name} lacks {'lora_up' if 'lora_down.weight' in parts else 'lora_down'}; the UIs skip it")
+        algorithm = lycoris.algorithm(parts)
+        if algorithm == "unknown":
+            missing = "lora_up" if "lora_down.weight" in parts else "lora_down" if "lora_up.weight" in parts else "its weights"
+            report.warnings.append(f"{name} lacks {missing}; the UIs skip it")
             continue
-        rank = parts["lora_down.weight"].shape[0]
+        rank = lycoris.rank(parts)
         alpha = float(parts["alpha"]) if "alpha" in parts else None
-        shape = "x".join(str(s) for s in parts["lora_down.weight"].shape[2:]) or "linear"
-        summary[kind].add(f"rank {rank}, alpha {alpha if alpha is not None else 'missing'}" + (f", {shape} kernel" if shape != "linear" else ""))
+        down = parts.get("lora_down.weight")
+        shape = "x".join(str(s) for s in down.shape[2:]) if down is not None else ""
+        summary[kind].add(("" if algorithm == "lora" else f"{ALGORITHM_NAMES[algorithm]} ")
+                          + (f"rank {rank}" if rank is not None else "full matrices (scale 1)")
+                          + f", alpha {alpha if alpha is not None else 'missing'}" + (f", {shape} kernel" if shape else ""))
     for kind in sorted(counts):
         report.lines.append(f"  {kind}: {counts[kind]} layers; " + "; ".join(sorted(summary[kind])))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
@@ -91,6 +101,12 @@ def _lora_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         report.warnings.append(
             f"{len(peft_layers)} layers have PEFT/diffusers dotted names (e.g. {sorted(peft_layers)[0]}.lora_A.weight): "
             "A1111 drops them all and ComfyUI drops every UNet attention layer; convert with `sdtune export lora`"
+        )
+    dora = [n for n, p in layers.items() if "dora_scale" in p]
+    if dora:
+        report.warnings.append(
+            f"{len(dora)} DoRA layers (dora_scale, e.g. {dora[0]}): LyCORIS applies them as trained; A1111 reads only "
+            "input-axis dora_scale and stock ComfyUI normalises an output-axis one by the base weight (see docs/recipes.md, DoRA)"
         )
     no_alpha = [n for n, p in layers.items() if "alpha" not in p]
     if no_alpha:
@@ -141,7 +157,7 @@ def zero_update_layers(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _zero_reason(parts: dict[str, torch.Tensor]) -> str | None:
-    if "lora_up.weight" not in parts or "lora_down.weight" not in parts:
+    if lycoris.algorithm(parts) != "lora":  # a DoRA's magnitude changes the weight even with lora_up = 0
         return None
     if not parts["lora_up.weight"].any():
         return "lora_up is all zeros"

@@ -4,7 +4,8 @@ Key grammar, per adapted layer ``<name>``:
 ``<name>.lora_down.weight`` (rank x in [x kh x kw]), ``<name>.lora_up.weight``
 (out x rank [x 1 x 1]) and ``<name>.alpha`` (0-dim, the trained alpha: the UIs
 scale the update by alpha / rank). ``<name>`` is a prefix plus the diffusers /
-transformers module path with ``.`` replaced by ``_``.
+transformers module path with ``.`` replaced by ``_``. DoRA, LoHa and LoKr layers use
+LyCORIS' keys under the same names (``lycoris.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import re
 from pathlib import Path
 
 import torch
-from sdtune.adapters import ADAPTER, lora_layers
+from sdtune.adapters import lora_layers
 from sdtune.export import sgm_keys
+from sdtune.export.lycoris import layer_tensors, weight_delta
 from sdtune.export.ldm_keys import unet_layout
 from sdtune.export.metadata import SDXL
 from sdtune.weight_files import read_weights
@@ -101,9 +103,7 @@ def kohya_state_dict(
             continue
         for path, layer in lora_layers(model).items():
             name = kohya_name(prefix, path, table)
-            tensors[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to(dtype)
-            tensors[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to(dtype)
-            tensors[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=torch.float32)
+            tensors |= {f"{name}.{suffix}": value for suffix, value in layer_tensors(layer, dtype).items()}
     if base_model_version in OPENCLIP_PREFIXES:
         partial = partial_sd2_attention({key.split(".", 1)[0] for key in tensors}, OPENCLIP_PREFIXES[base_model_version])
         if partial:
@@ -140,7 +140,8 @@ def merge_lora(
     multiplier: float = 1.0,
     text_encoder_2: torch.nn.Module | None = None,
 ) -> list[str]:
-    """Add a kohya LoRA into base weights, as the UIs do: ``W += m * alpha/rank * up @ down``.
+    """Add a kohya LoRA into base weights, as the UIs do: ``W += m * alpha/rank * up @ down``
+    (DoRA, LoHa and LoKr layers by their rules in ``lycoris.py``).
 
     A missing alpha means alpha = rank (scale 1.0), as in both UIs. Returns the
     merged layer names; a key that addresses no layer is an error, not a skip.
@@ -157,16 +158,14 @@ def merge_lora(
     unknown = [name for name in names if name not in layers]
     if unknown:
         raise KeyError(f"{len(unknown)} LoRA layer(s) address no module of this model, e.g. {unknown[:3]}")
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    for key, value in tensors.items():
+        name, suffix = key.split(".", 1)
+        parts[name][suffix] = value
     for name in names:
-        down, up = tensors[f"{name}.lora_down.weight"].float(), tensors[f"{name}.lora_up.weight"].float()
-        rank = down.shape[0]
-        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else rank
+        # A kxk lora_down and a 1x1 lora_up compose to a kxk conv: up @ down.flatten(1), reshaped.
         weight = layers[name].weight
-        delta = up.flatten(1) @ down.flatten(1)
-        if weight.ndim == 4 and down.shape[2:] != (1, 1):
-            # kxk down, 1x1 up: the composition is a kxk conv.
-            delta = torch.einsum("or,rihw->oihw", up.flatten(1), down)
-        weight += (multiplier * alpha / rank * delta.reshape(weight.shape)).to(weight.dtype)
+        weight += (multiplier * weight_delta(parts[name], weight)).to(weight.dtype)
     return names
 
 

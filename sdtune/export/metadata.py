@@ -50,6 +50,8 @@ def lora_metadata(
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     return {
         **_ui_keys(base_model_version, prediction_type, rank, alpha, title, now),
+        # LoHa, LoKr and DoRA are LyCORIS' network module, with its `algo` in the network args
+        **({"ss_network_module": "lycoris.kohya"} if "algo" in (network_args or {}) else {}),
         # kohya training keys
         "ss_network_args": json.dumps(network_args or {}),
         "ss_network_train_unet_only": str(not trained_text_encoder),

@@ -29,6 +29,16 @@ class LoraSection(_Section):
     init: Literal["default", "gaussian"] = Field(
         "default", description="LoRA down-projection init: peft's `default` (Kaiming-uniform) or `gaussian`; up starts at 0."
     )
+    algorithm: Literal["lora", "loha", "lokr"] = Field(
+        "lora",
+        description="The adapter: `lora`, or LyCORIS' `loha` (Hadamard product of two low-rank pairs) or `lokr` "
+        "(Kronecker product), through peft; exported in the LyCORIS keys both UIs load (hada_*, lokr_*).",
+    )
+    use_dora: bool = Field(
+        False,
+        description="With lora.algorithm: lora, train a DoRA (a magnitude per output channel plus a LoRA direction, "
+        "peft's use_dora); exported as LyCORIS' `dora_scale` with wd_on_output (see the DoRA notes on which UIs apply it).",
+    )
     merge_first: str | None = Field(
         None, description="A kohya LoRA file merged into the base before training, to train a new LoRA on top of it."
     )
@@ -53,6 +63,17 @@ class LoraSection(_Section):
             raise ValueError("lora.preset: custom needs lora.target_modules (UNet module names)")
         if self.sdxl_text_encoders != "both" and not self.text_encoder:
             raise ValueError(f"lora.sdxl_text_encoders: {self.sdxl_text_encoders} needs lora.text_encoder: true")
+        if self.algorithm != "lora":
+            # peft's LoHa/LoKr have rank and module dropout instead, and their own init.
+            wrong = {"lora.use_dora: true": self.use_dora, f"lora.dropout: {self.dropout}": self.dropout,
+                     f"lora.init: {self.init}": self.init != "default"}
+            for setting, bad in wrong.items():
+                if bad:
+                    raise ValueError(
+                        f"{setting} belongs to lora.algorithm: lora, but lora.algorithm is {self.algorithm}; DoRA, "
+                        f"dropout on the branch and lora.init exist only for LoRA. Remove {setting.split(':')[0]} "
+                        f"(or set lora.algorithm: lora)"
+                    )
         return self
 
     def unet_targets(self) -> list[str]:

@@ -1,0 +1,211 @@
+"""DoRA, LoHa and LoKr: trained through peft, exported in LyCORIS' keys, merged by our reader and by
+ComfyUI's rules to the weights peft itself merges, layer by layer (convolutions included)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from sdtune.adapters import UNET_PRESETS, add_lora, lora_layers
+from sdtune.export.kohya import kohya_name, kohya_state_dict, merge_lora
+
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+KINDS = {"dora": ("lora", True), "loha": ("loha", False), "lokr": ("lokr", False)}
+
+
+@pytest.fixture(scope="module")
+def reduced_v1():
+    from sdtune.tiny import reduced_sd
+
+    unet, _, text_encoder = reduced_sd("sd_v1")
+    return unet, text_encoder
+
+
+def _adapted(reduced_v1, kind: str):
+    """Copies of the reduced SD 1 UNet (preset locon: attention, feed-forward, resnet and resampling
+    convs, 3x3 at their own rank/alpha) and text encoder with ``kind`` on them, every trained tensor
+    randomised (peft starts the update at zero, and DoRA's magnitude at the weight norm)."""
+    algorithm, use_dora = KINDS[kind]
+    unet, text_encoder = copy.deepcopy(reduced_v1[0]), copy.deepcopy(reduced_v1[1])
+    base = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    add_lora(unet, 4, 3.0, 0.0, UNET_PRESETS["locon"], conv_rank=2, conv_alpha=5.0, algorithm=algorithm, use_dora=use_dora)
+    add_lora(text_encoder, 4, 3.0, 0.0, TE_TARGETS, algorithm=algorithm, use_dora=use_dora)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in (unet, text_encoder):
+            for name, param in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1 + 0.2 * torch.rand(param.shape, generator=gen))
+                elif param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=gen) * (0.3 if kind == "loha" else 0.1))
+    return unet, text_encoder, base
+
+
+def _peft_merged(model) -> dict[str, torch.Tensor]:
+    """Each adapted layer's weight as peft merges it (LoraLayer/LycorisLayer.merge: DoRA's magnitude included)."""
+    merged = {}
+    for path, layer in lora_layers(model).items():
+        layer.merge(safe_merge=True)
+        merged[path] = layer.get_base_layer().weight.detach().clone()
+        layer.unmerge()
+    return merged
+
+
+def _layers(unet, text_encoder):
+    return [("lora_unet_", unet, p) for p in lora_layers(unet)] + [("lora_te_", text_encoder, p) for p in lora_layers(text_encoder)]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_our_merge_of_the_file_equals_peft_per_layer(reduced_v1, kind):
+    unet, text_encoder, (base_unet, base_te) = _adapted(reduced_v1, kind)
+    tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
+    suffixes = {key.split(".", 1)[1] for key in tensors}
+    assert suffixes == {
+        "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+        "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+        "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},  # w2 full where rank >= half its size
+    }[kind]
+    originals = {kohya_name(prefix, path): model.get_submodule(path).get_base_layer().weight.detach().clone()
+                 for prefix, model, path in _layers(unet, text_encoder)}
+    merge_lora(tensors, base_unet, base_te)
+    theirs = {kohya_name("lora_unet_", p): w for p, w in _peft_merged(unet).items()} | {
+        kohya_name("lora_te_", p): w for p, w in _peft_merged(text_encoder).items()}
+    ours = {kohya_name(prefix, path): (base_unet if prefix == "lora_unet_" else base_te).get_submodule(path).weight
+            for prefix, _, path in _layers(unet, text_encoder)}
+    assert ours.keys() == theirs.keys() == originals.keys() and len(ours) > 100
+    convs = [n for n, w in ours.items() if w.ndim == 4 and w.shape[2:] == (3, 3)]
+    assert convs  # 3x3 convolutions (LoCon) are among the compared layers
+    for name in ours:
+        peft_delta, our_delta = theirs[name] - originals[name], ours[name] - originals[name]
+        assert peft_delta.abs().max() > 1e-4, name  # each layer changes the weight
+        assert (our_delta - peft_delta).abs().max() <= 1e-5 * max(1.0, peft_delta.abs().max().item()), name
+    if kind == "dora":
+        conv = next(k for k in tensors if k.endswith("conv1.dora_scale"))
+        assert tensors[conv].shape[1:] == (1, 1, 1) and tensors[conv].shape[0] > 1  # one magnitude per output channel
+
+
+# ComfyUI's loader (comfy/lora.py load_lora, comfy/weight_adapter/{lora,loha,lokr,base}.py, master of
+# 2026), restated: a layer's `alpha` and `dora_scale` are read first; the adapter is the first of LoRA
+# (`.lora_up.weight`), LoHa (`.hada_w1_a`), LoKr (any `.lokr_*`) whose key is present.
+def comfyui_weight(lora: dict[str, torch.Tensor], name: str, weight: torch.Tensor, norm_of_adapted: bool = False) -> torch.Tensor:
+    alpha = lora[f"{name}.alpha"].item() if f"{name}.alpha" in lora else None
+    dora_scale = lora.get(f"{name}.dora_scale")
+    weight = weight.clone().float()
+    if f"{name}.lora_up.weight" in lora:
+        mat1, mat2 = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
+        scale = alpha / mat2.shape[0] if alpha is not None else 1.0
+        diff = torch.mm(mat1.flatten(start_dim=1), mat2.flatten(start_dim=1)).reshape(weight.shape)
+    elif f"{name}.hada_w1_a" in lora:
+        scale = alpha / lora[f"{name}.hada_w1_b"].shape[0] if alpha is not None else 1.0
+        m1 = torch.mm(lora[f"{name}.hada_w1_a"].float(), lora[f"{name}.hada_w1_b"].float())
+        m2 = torch.mm(lora[f"{name}.hada_w2_a"].float(), lora[f"{name}.hada_w2_b"].float())
+        diff = (m1 * m2).reshape(weight.shape)
+    else:
+        dim = None
+        w1 = lora.get(f"{name}.lokr_w1")
+        if w1 is None:
+            dim = lora[f"{name}.lokr_w1_b"].shape[0]
+            w1 = torch.mm(lora[f"{name}.lokr_w1_a"].float(), lora[f"{name}.lokr_w1_b"].float())
+        w2 = lora.get(f"{name}.lokr_w2")
+        if w2 is None:
+            dim = lora[f"{name}.lokr_w2_b"].shape[0]
+            w2 = torch.mm(lora[f"{name}.lokr_w2_a"].float(), lora[f"{name}.lokr_w2_b"].float())
+        w1, w2 = w1.float(), w2.float()
+        if len(w2.shape) == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        scale = alpha / dim if alpha is not None and dim is not None else 1.0
+        diff = torch.kron(w1, w2).reshape(weight.shape)
+    if dora_scale is None:
+        return weight + scale * diff
+    # base.py weight_decompose; its output-axis branch takes the norm of the base weight (ComfyUI PR
+    # #15458, open, changes it to the adapted weight, as LyCORIS and peft do): `norm_of_adapted`.
+    calc = weight + scale * diff
+    if dora_scale.shape[0] == calc.shape[0]:
+        source = calc if norm_of_adapted else weight
+        norm = source.reshape(source.shape[0], -1).norm(dim=1, keepdim=True).reshape(source.shape[0], *[1] * (source.dim() - 1))
+    else:
+        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1)
+    norm = norm + torch.finfo(weight.dtype).eps
+    return calc * (dora_scale.float() / norm)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_comfyui_rules_read_the_file_as_peft_merged_it(reduced_v1, kind):
+    unet, text_encoder, _ = _adapted(reduced_v1, kind)
+    tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
+    originals = {kohya_name(prefix, path): model.get_submodule(path).get_base_layer().weight.detach().clone()
+                 for prefix, model, path in _layers(unet, text_encoder)}
+    theirs = {kohya_name("lora_unet_", p): w for p, w in _peft_merged(unet).items()} | {
+        kohya_name("lora_te_", p): w for p, w in _peft_merged(text_encoder).items()}
+    for name, original in originals.items():
+        tolerance = 1e-5 * max(1.0, (theirs[name] - original).abs().max().item())
+        comfy = comfyui_weight(tensors, name, original, norm_of_adapted=kind == "dora")
+        assert (comfy - theirs[name]).abs().max() <= tolerance, name
+        if kind == "dora":
+            # Today's ComfyUI divides by the base weight's norm: each output channel comes out
+            # ||W + dW|| / ||W|| times peft's, which the DoRA notes in docs/recipes.md say.
+            today = comfyui_weight(tensors, name, original)
+            ratio = _lora_part(tensors, name, original).flatten(1).norm(dim=1) / original.flatten(1).norm(dim=1)
+            expected = theirs[name] * ratio.reshape(-1, *[1] * (original.ndim - 1))
+            assert (today - expected).abs().max() <= 1e-4 * expected.abs().max(), name
+
+
+def _lora_part(tensors, name, original):
+    up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+    scale = tensors[f"{name}.alpha"].item() / down.shape[0]
+    return original + scale * (up.flatten(1) @ down.flatten(1)).reshape(original.shape)
+
+
+def test_metadata_names_lycoris_and_its_algorithm():
+    from sdtune.export.metadata import lora_metadata
+    from sdtune.recipe.lora import LoraSection
+    from sdtune.trainable import network_args
+
+    def metadata(**lora):
+        args = network_args(LoraSection(**lora))
+        return lora_metadata(
+            base_model_version="sd_v1", prediction_type="epsilon", zero_terminal_snr=False, rank=4, alpha=4.0,
+            resolution=512, steps=1, learning_rate=1e-4, num_images=1, seed=0, base_model_name="b", base_model_sha256="0",
+            title="t", recipe_json="{}", trained_text_encoder=False, network_args=args)
+
+    plain = metadata()
+    assert plain["ss_network_module"] == "networks.lora" and json.loads(plain["ss_network_args"]) == {}
+    loha = metadata(algorithm="loha", preset="locon", conv_rank=2)
+    assert loha["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(loha["ss_network_args"]) == {"algo": "loha", "conv_dim": "2", "conv_alpha": "16.0"}
+    assert json.loads(metadata(algorithm="lokr")["ss_network_args"]) == {"algo": "lokr"}
+    dora = metadata(use_dora=True)
+    assert dora["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(dora["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+
+
+@pytest.mark.parametrize("setting", ["lora.use_dora=true", "lora.dropout=0.1", "lora.init=gaussian"])
+@pytest.mark.parametrize("algorithm", ["loha", "lokr"])
+def test_lora_only_settings_with_lycoris_are_one_paragraph_errors(setting, algorithm):
+    from sdtune.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=rf"{setting.split('=')[0]}: .* belongs to lora.algorithm: lora, but lora.algorithm is {algorithm}"):
+        load_recipe(None, [f"lora.algorithm={algorithm}", setting])
+    load_recipe(None, ["lora.algorithm=lora", setting])  # fine for a LoRA
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_inspect_reads_the_file(reduced_v1, kind, tmp_path):
+    from safetensors.torch import save_file
+
+    from sdtune.export.inspect import inspect_file, zero_update_layers
+
+    unet, text_encoder, _ = _adapted(reduced_v1, kind)
+    tensors = kohya_state_dict(unet, text_encoder, torch.float16, base_model_version="sd_v1")
+    save_file(tensors, tmp_path / "x.safetensors", {"ss_v2": "False", "ss_base_model_version": "sd_v1"})
+    report = inspect_file(tmp_path / "x.safetensors")
+    text = report.text()
+    layers = len(lora_layers(unet)) + len(lora_layers(text_encoder))
+    assert f"{layers} layers" in text and "stray" not in text and "lacks" not in text, text
+    assert {"dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[kind] in text
+    assert ("dora_scale" in text) == (kind == "dora")  # the UI caveat of DoRA files
+    assert zero_update_layers(tensors) == []
