@@ -60,6 +60,7 @@ from sdtune.run_report import (
 )
 from sdtune.samplers import default_cfg_rescale, make_sampler, sampling_config
 from sdtune.sdxl import text_encoders
+from sdtune.textual_inversion import add_embedding
 from sdtune.tiny import clip_tokenizer
 from sdtune.trainable import (
     make_trainable,
@@ -100,12 +101,13 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # the run here with the full list, or are skipped and written down (data.on_bad_image).
     plan = plan_data(data, opt.seed, clip_tokenizer())  # SD 1 and 2 share the BPE: token counts need no model
     parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr,
-                            weight_dtype if opt.method == "lora" else torch.float32, model.allow_pickle,  # full: fp32 master weights
+                            weight_dtype if opt.method != "full" else torch.float32, model.allow_pickle,  # full: fp32 master weights
                             opt.seed if model.init == "random" else None)
     if train_te:
         check_sd2_text_encoder_targets(lora.text_encoder_target_modules, parts.base_model_version)
     if lora.merge_first:
         merge_first(parts, lora.merge_first, lora.merge_first_weight, model.allow_pickle)
+    plan = add_embedding(parts, plan, **recipe.embedding.model_dump()) if opt.method == "textual_inversion" else plan  # the new word's rows
     if accelerator.is_main_process:
         announce(plan, parts.name, parts.base_model_version, folder, folder.claim(out.overwrite, resume_run), opt.logger,
                   (opt.batch_size, accelerator.num_processes, opt.gradient_accumulation_steps))

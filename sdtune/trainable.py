@@ -15,6 +15,7 @@ from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.export.results import ResultSpec, write_result
 from sdtune.models import set_attention
 from sdtune.sdxl import SdxlComponents, unused_text_encoder_modules
+from sdtune.textual_inversion import trainable_rows
 
 
 def place_encoders(parts, device: torch.device, weight_dtype: torch.dtype, frozen_in_loop: bool, trains: bool,
@@ -48,6 +49,8 @@ def make_trainable(
     Frozen weights are stored in the autocast dtype; trainable ones stay fp32 so small
     updates are not rounded away. Returns the optimizer's param groups."""
     set_attention(unet, attention, device)
+    if method == "textual_inversion":
+        return trainable_rows(unet, text_encoder, device, weight_dtype, learning_rate, gradient_checkpointing)
     unet.to(device)
     if text_encoder is not None:
         text_encoder.to(device)

@@ -15,13 +15,14 @@ from sdtune.export.kohya import kohya_state_dict
 from sdtune.export.metadata import lora_metadata
 from sdtune.export.sgm_checkpoint import save_sdxl_checkpoint
 from sdtune.sdxl import SdxlComponents, split_text_encoders
+from sdtune.textual_inversion import save_embedding
 
 
 @dataclass(frozen=True)
 class ResultSpec:
     """How a run's result is written; train() fills it from the recipe."""
 
-    method: str  # "lora" | "full"
+    method: str  # "lora" | "full" | "textual_inversion"
     formats: tuple[str, ...]  # a full fine-tune's: "single_file", "diffusers"
     dtype: torch.dtype
     prediction_type: str
@@ -41,7 +42,7 @@ def result_paths(stem: Path, method: str, formats: tuple[str, ...]) -> list[Path
     """The files a run writes at ``stem`` (``<dir>/<name>``): the LoRA file, or a full
     fine-tune's single file and/or diffusers folder, in that order."""
     single_file, folder = stem.with_name(f"{stem.name}.safetensors"), stem
-    if method == "lora":
+    if method != "full":  # a LoRA file, or an embedding file
         return [single_file]
     return [path for kind, path in (("single_file", single_file), ("diffusers", folder)) if kind in formats]
 
@@ -52,6 +53,8 @@ def write_result(stem: Path, spec: ResultSpec, unet, text_encoder, parts, steps:
     writes the base's). Returns the paths written."""
     stem = Path(stem)
     text_encoder, text_encoder_2 = split_text_encoders(text_encoder)
+    if spec.method == "textual_inversion":
+        return [save_embedding(result_paths(stem, spec.method, ())[0], text_encoder, text_encoder_2, parts, spec, steps, num_images)]
     if spec.method == "lora":
         metadata = lora_metadata(
             base_model_version=parts.base_model_version, prediction_type=spec.prediction_type,

@@ -22,6 +22,7 @@ from sdtune.recipe.base import (  # noqa: F401  (re-exported)
     _not_blank,
     _Section,
 )
+from sdtune.recipe.embedding import EmbeddingSection, check_embedding
 from sdtune.recipe.lora import LoraSection
 
 
@@ -201,7 +202,9 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    method: Literal["lora", "full"] = Field("lora", description="`lora` trains adapters; `full` trains every UNet weight.")
+    method: Literal["lora", "full", "textual_inversion"] = Field(
+        "lora", description="`lora` trains adapters; `full` trains every UNet weight; `textual_inversion` trains only a new "
+        "token's vectors (the embedding section).")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -387,6 +390,7 @@ class Recipe(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
     train: TrainSection = Field(default_factory=TrainSection)
     ema: EmaSection = Field(default_factory=EmaSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
@@ -405,6 +409,7 @@ class Recipe(_Section):
         if self.train.full_text_encoder and self.train.method != "full":
             raise ValueError("train.full_text_encoder trains all text-encoder weights, which needs train.method: full "
                              "(for a LoRA, use lora.text_encoder: true)")
+        check_embedding(self)
         if self.model.zero_terminal_snr and self.preview.prompts:
             from sdtune.samplers import (
                 SAMPLERS,  # diffusers' schedulers: imported only when previews are asked for
@@ -420,10 +425,10 @@ class Recipe(_Section):
 
     @property
     def trains_text_encoder(self) -> bool:
-        """A text-encoder LoRA, or all its weights in a full fine-tune."""
+        """A text-encoder LoRA, all its weights in a full fine-tune, or a textual inversion's new token rows."""
         return (self.train.method == "lora" and self.lora.text_encoder) or (
             self.train.method == "full" and self.train.full_text_encoder
-        )
+        ) or self.train.method == "textual_inversion"
 
     @property
     def caches_text(self) -> bool:
