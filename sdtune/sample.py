@@ -28,6 +28,7 @@ from sdtune import grid as grids
 from sdtune import infotext
 from sdtune.pipeline import Model, load_pipeline, set_lora_weights
 from sdtune.samplers import SAMPLER_BY_A1111_NAME, SAMPLERS, ZTSNR_CFG_RESCALE, default_cfg_rescale, generate, make_sampler
+from sdtune.textual_inversion import load_into_pipeline
 
 
 # --- Jobs: one image each, and the infotext that describes it ----------------------------------
@@ -152,6 +153,12 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def parse_embedding_arg(text: str) -> tuple[str, str | None]:
+    """``FILE[:TOKEN]``; a colon that is part of an existing file's path is kept."""
+    path, sep, token = text.rpartition(":")
+    return (path, token or None) if sep and not Path(text).is_file() and "/" not in token and "\\" not in token else (text, None)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
     if not match or int(match[1]) % 8 or int(match[2]) % 8:
@@ -169,6 +176,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sdtune sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base model: a diffusers folder or a single-file .safetensors checkpoint")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="LoRA file (kohya or diffusers), weight 1 unless given; repeatable")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                        help="textual-inversion embedding (A1111/ComfyUI .safetensors), used where a prompt names TOKEN (default: the file's stem, as in A1111); repeatable")
     parser.add_argument("--prompt", action="append", default=[], help="prompt; repeatable")
     parser.add_argument("--prompt-file", help="file of prompts, one a line (blank lines skipped)")
     parser.add_argument("--negative", default="", help="negative prompt, for every image")
@@ -212,6 +221,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     elif args.compare and not loras:
         raise ValueError("--compare alone compares the LoRAs off and on; add --lora FILE, or name a base model: --compare BASE")
     model = models[0]
+    for text in args.embedding:
+        print(f"sdtune: embedding {text} as {load_into_pipeline(model.pipe, *parse_embedding_arg(text))!r}")
     _report_flags(model)
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
     width, height = args.size or _native_size(model.pipe)
