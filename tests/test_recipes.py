@@ -110,7 +110,8 @@ def test_option_combinations_that_make_no_sense_are_rejected():
 
 
 # Each recipe for the user's own model and data, with the tiny model of its kind.
-USER_RECIPES = {"lora_eps.yaml": "tiny_eps", "lora_vpred.yaml": "tiny_sd2_v", "full_finetune.yaml": "tiny_eps", "lora_sdxl.yaml": "tiny_sdxl"}
+USER_RECIPES = {"lora_eps.yaml": "tiny_eps", "lora_vpred.yaml": "tiny_sd2_v", "full_finetune.yaml": "tiny_eps", "lora_sdxl.yaml": "tiny_sdxl",
+                "textual_inversion.yaml": "tiny_eps"}
 
 
 def test_every_recipe_is_covered_by_a_run():
@@ -148,6 +149,9 @@ def test_shipped_recipe_runs_with_only_model_and_data_paths_set(name, request, t
     model = request.getfixturevalue(USER_RECIPES[name])
     shipped = load_recipe(ROOT / "recipes" / name)
     data = _large_images(tmp_path / "images", shipped.data.resolution)
+    if shipped.train.method == "textual_inversion":  # its captions name the new word, as the recipe asks of the user's
+        for caption in data.glob("*.txt"):
+            caption.write_text(f"a photo of {shipped.embedding.token}, {caption.read_text()}")
     recipe = load_recipe(ROOT / "recipes" / name, [
         f"model.path={model}", f"data.path={data}",
         # Where a test may write, and how long it may take:
@@ -163,6 +167,12 @@ def test_shipped_recipe_runs_with_only_model_and_data_paths_set(name, request, t
         assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(version == "sd_v2")
         assert metadata["modelspec.prediction_type"] == {"epsilon": "epsilon", "v_prediction": "v"}[shipped.model.prediction_type]
         assert any(k.endswith("lora_up.weight") and tensors[k].abs().max() > 0 for k in tensors)
+    elif shipped.train.method == "textual_inversion":
+        from sdtune.textual_inversion import read_embedding
+
+        tensors, metadata = read_embedding(result.output)
+        assert tensors["emb_params"].shape == (shipped.embedding.vectors, 32)
+        assert metadata["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
     else:
         checkpoint = read_checkpoint(result.output)
         assert checkpoint.version == "sd_v1" and checkpoint.prediction_type == "epsilon"
