@@ -209,3 +209,41 @@ def test_inspect_reads_the_file(reduced_v1, kind, tmp_path):
     assert {"dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[kind] in text
     assert ("dora_scale" in text) == (kind == "dora")  # the UI caveat of DoRA files
     assert zero_update_layers(tensors) == []
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_run_saves_resumes_and_exports_bit_exact(kind, tiny_v, small_dataset, tmp_path):
+    """4 steps straight (checkpoint at 2) vs. resuming the step-2 checkpoint in another folder: the
+    same file, bit for bit; the checkpoint holds the adapter's own tensors (DoRA's magnitude too)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sdtune.export.kohya import read_lora
+    from sdtune.train import main
+
+    algorithm, use_dora = KINDS[kind]
+
+    def run(out, *flags):
+        args = ["--recipe", "recipes/tiny_demo.yaml", *flags]
+        for item in (f"model.path={tiny_v}", f"data.path={small_dataset}", f"data.cache_dir={tmp_path / 'cache'}",
+                     f"output.dir={out}", "train.logger=none", "preview.prompts=[]", "data.validation_split=0",
+                     "export.dtype=fp32", "train.deterministic=true", "train.batch_size=4", "train.max_steps=4",
+                     "lora.preset=locon", "lora.conv_rank=2", f"lora.algorithm={algorithm}", f"lora.use_dora={use_dora}",
+                     "checkpoint.every_steps=2"):
+            args += ["--set", item]
+        return main(args)
+
+    straight = run(tmp_path / "a")
+    saved = tmp_path / "a" / "checkpoints" / "tiny-demo" / "step-00000002"
+    marker = {"dora": "lora_magnitude_vector", "loha": "hada_w2_b", "lokr": "lokr_w1"}[kind]
+    assert any(marker in key for key in load_file(saved / "trainable.safetensors"))
+    shutil.copytree(saved, tmp_path / "b" / "checkpoints" / "tiny-demo" / "step-00000002")
+    resumed = run(tmp_path / "b", "--resume", "latest")
+    assert resumed.steps == 4
+    a, metadata = read_lora(straight.output)
+    b, _ = read_lora(resumed.output)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metadata["ss_network_module"] == "lycoris.kohya" and json.loads(metadata["ss_network_args"])["algo"] == algorithm
+    suffix = {"dora": ".dora_scale", "loha": ".hada_w1_a", "lokr": ".lokr_w1"}[kind]
+    assert any(key.endswith(suffix) for key in a) and any(key.endswith("_conv1" + suffix) for key in a)

@@ -112,6 +112,7 @@ def test_option_combinations_that_make_no_sense_are_rejected():
 # Each recipe for the user's own model and data, with the tiny model of its kind.
 USER_RECIPES = {"lora_eps.yaml": "tiny_eps", "lora_vpred.yaml": "tiny_sd2_v", "full_finetune.yaml": "tiny_eps", "lora_sdxl.yaml": "tiny_sdxl",
                 "textual_inversion.yaml": "tiny_eps"}
+USER_RECIPES |= {"lora_dora.yaml": "tiny_eps", "lokr.yaml": "tiny_eps"}  # DoRA, and LyCORIS' LoKr
 
 
 def test_every_recipe_is_covered_by_a_run():
@@ -166,7 +167,7 @@ def test_shipped_recipe_runs_with_only_model_and_data_paths_set(name, request, t
         version = {"lora_vpred.yaml": "sd_v2", "lora_sdxl.yaml": "sdxl_base_v1-0"}.get(name, "sd_v1")
         assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(version == "sd_v2")
         assert metadata["modelspec.prediction_type"] == {"epsilon": "epsilon", "v_prediction": "v"}[shipped.model.prediction_type]
-        assert any(k.endswith("lora_up.weight") and tensors[k].abs().max() > 0 for k in tensors)
+        assert any(k.endswith(("lora_up.weight", "lokr_w1")) and tensors[k].abs().max() > 0 for k in tensors)  # trained (both start at 0)
     elif shipped.train.method == "textual_inversion":
         from sdtune.textual_inversion import read_embedding
 
