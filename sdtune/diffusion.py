@@ -162,12 +162,28 @@ def diffusion_loss(
     weights: torch.Tensor | None = None,
     loss_type: str = "mse",
     huber_c: float = 0.1,
+    sample_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean loss per sample, optionally weighted per sample, averaged over the batch (fp32)."""
+    """Mean loss per sample, optionally weighted per sample, averaged over the batch (fp32).
+
+    ``weights`` (min-SNR, debiased) and ``sample_weights`` (DreamBooth's prior weight:
+    1 for instance images, train.prior_loss_weight for class images) multiply. A
+    ``mask`` (``B x 1 x h x w`` at latent resolution, 0 to 1) makes a sample's loss
+    ``sum(mask * loss) / sum(mask)`` over its elements (channels included), so a sample's
+    loss stays on the same scale however much of it is masked; an all-ones mask is the
+    plain mean, an all-zero one contributes 0."""
     per_element = elementwise_loss(prediction, target, loss_type, huber_c)
-    per_sample = per_element.mean(dim=tuple(range(1, prediction.ndim)))
+    dims = tuple(range(1, prediction.ndim))
+    if mask is None:
+        per_sample = per_element.mean(dim=dims)
+    else:
+        mask = mask.float().expand_as(per_element)
+        per_sample = (per_element * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1e-12)
     if weights is not None:
         per_sample = per_sample * weights
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.float()
     return per_sample.mean()
 
 
@@ -214,14 +230,17 @@ def denoising_loss(
     objective: Objective = Objective(),
     input_noise: torch.Tensor | None = None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    sample_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training objective for one batch: noise the latents to ``x_t`` (with
     ``input_noise`` when perturbed), predict, compare with the target made from
     the clean ``noise`` (epsilon or v), weighted per sample if asked. SDXL's UNet
-    also takes ``added_cond_kwargs`` (pooled text embedding, size/crop ids)."""
+    also takes ``added_cond_kwargs`` (pooled text embedding, size/crop ids).
+    ``sample_weights`` and ``mask``: see ``diffusion_loss``."""
     noisy = scheduler.add_noise(latents.float(), noise if input_noise is None else input_noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
     added = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
     prediction = unet(noisy, timesteps, conditioning, return_dict=False, **added)[0]
     weights = loss_weights(scheduler, timesteps, objective)
-    return diffusion_loss(prediction, target, weights, objective.loss_type, objective.huber_c)
+    return diffusion_loss(prediction, target, weights, objective.loss_type, objective.huber_c, sample_weights, mask)

@@ -51,14 +51,16 @@ class StepSetup:
 def batch_loss(unet, encoder, batch: dict, setup: StepSetup, trains_encoder: bool, generator: torch.Generator) -> torch.Tensor:
     """One batch's loss: its conditioning (``encoder`` runs when the text is not cached), a
     latent drawn from the cached posterior, noise and timesteps, all drawn from
-    ``generator`` (keyed by the batch's place in the data order)."""
+    ``generator`` (keyed by the batch's place in the data order). A batch may carry per-sample
+    loss weights (``loss_weight``: DreamBooth class images) and latent-resolution loss masks (``mask``)."""
     text, added = conditioning(batch, encoder, trains_encoder, setup.empty_conditioning, setup.caption_dropout, generator)
     latents = sample_latents(batch["mean"], batch["std"], setup.scaling, generator)
     noise = sample_noise(latents, setup.noise_offset, setup.noise_offset_random_strength, generator)
     timesteps = sample_timesteps(latents.shape[0], latents.device, setup.min_timestep, setup.max_timestep, setup.timestep_sampling,
                                  setup.logit_mean, setup.logit_std, generator)
     input_noise = perturb_noise(noise, setup.input_perturbation, generator) if setup.input_perturbation else None
-    return denoising_loss(unet, setup.scheduler, latents, text, noise, timesteps, setup.objective, input_noise, **added)
+    return denoising_loss(unet, setup.scheduler, latents, text, noise, timesteps, setup.objective, input_noise, **added,
+                          sample_weights=batch.get("loss_weight"), mask=batch.get("mask"))
 
 
 def make_loader(dataset, buckets: list[tuple[int, int]], batch_size: int, seed: int, num_workers: int, accelerator):
