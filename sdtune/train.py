@@ -35,6 +35,7 @@ from sdtune.data.cache import (
     default_cache_dir,
     fill_caches,
 )
+from sdtune.data.class_images import fill_class_folders
 from sdtune.data.plan import plan_data
 from sdtune.diffusion import Objective, reseed
 from sdtune.errors import run_command, take_debug_flag
@@ -97,8 +98,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     device, weight_dtype, is_main = accelerator.device, DTYPES[opt.mixed_precision], accelerator.is_local_main_process
     train_te = recipe.trains_text_encoder
 
-    # The scan, before the model loads: every file is checked and bucketed; problems stop
-    # the run here with the full list, or are skipped and written down (data.on_bad_image).
+    # The scan, before the model loads (DreamBooth class images a folder lacks are drawn first): every file
+    # is checked and bucketed; problems stop the run here with the full list, or are skipped (data.on_bad_image).
+    fill_class_folders(data.sources, model.path, model.allow_pickle, data.resolution, opt.seed, accelerator)
     plan = plan_data(data, opt.seed, clip_tokenizer())  # SD 1 and 2 share the BPE: token counts need no model
     parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr,
                             weight_dtype if opt.method != "full" else torch.float32, model.allow_pickle,  # full: fp32 master weights
@@ -116,7 +118,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # validation); the frozen encoders leave the device once they are built.
     caches = fill_caches(plan, parts, Path(data.cache_dir) if data.cache_dir else default_cache_dir(), accelerator, recipe.caches_text)
     text_in_loop = caches.text is None  # the text encoder trains, or shuffled tags make new captions each epoch
-    dataset, val_dataset, empty_conditioning = cached_datasets(plan, caches, parts, data.shuffle_tags, data.keep_tokens, opt.seed)
+    dataset, val_dataset, empty_conditioning = cached_datasets(plan, caches, parts, data.shuffle_tags, data.keep_tokens, opt.seed, opt.prior_loss_weight)
     empty_conditioning = {k: v.to(device) for k, v in empty_conditioning.items()}  # caption dropout mixes it into batches on the device
     scaling = place_encoders(parts, device, weight_dtype, frozen_in_loop=text_in_loop and not train_te, trains=train_te,
                               needed_later=bool(preview.prompts) or opt.method == "full")  # previews draw; a full result holds them

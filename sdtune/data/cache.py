@@ -35,6 +35,7 @@ from sdtune.atomic import remove_stale_temps, save_safetensors, write_text
 from sdtune.conditioning import empty_conditioning, time_ids, tokenizers
 from sdtune.data.captions import shuffle_tags, tokenize, with_prefix
 from sdtune.data.images import load_crop
+from sdtune.data.masks import latent_mask, mask_file, mask_key_parts
 from sdtune.data.plan import DataPlan, Item
 from sdtune.errors import DataError
 from sdtune.hashes import sdtune_cache_dir as default_cache_dir  # noqa: F401  (where callers look for it)
@@ -88,14 +89,16 @@ class Caches:
     empty_text: Path | None  # the empty caption's entry, for caption dropout
     latent_stats: CacheStats
     text_stats: CacheStats | None
+    masks: list[Path] | None = None  # per trained item, with data.masks (held-out images are scored unmasked)
 
 
 def fill_caches(plan: DataPlan, parts, cache_dir: Path, accelerator, cache_text_outputs: bool) -> Caches:
     """What a run does before step 1 (and ``sdtune cache`` does alone): each process
     checks its share of the latent entries of the trained and held-out views and,
     when the text encoder is frozen, of the captions' outputs (the empty caption's
-    too), and encodes those missing or unusable; then every process waits for the
-    others and the counts are printed once."""
+    too), and with data.masks of the trained views' loss masks, and encodes those
+    missing or unusable; then every process waits for the others and the counts are
+    printed once."""
     items = plan.train + plan.validation
     shard, show = (accelerator.process_index, accelerator.num_processes), accelerator.is_local_main_process
     if accelerator.is_local_main_process:
@@ -109,29 +112,41 @@ def fill_caches(plan: DataPlan, parts, cache_dir: Path, accelerator, cache_text_
             cache_dir, accelerator.device, shard=shard, show_progress=show,
             tokenizer_2=getattr(parts, "tokenizer_2", None), text_encoder_2=getattr(parts, "text_encoder_2", None),
         )
+    masks, mask_stats = None, None
+    if plan.masks != "none":  # data.masks: at the VAE's downsampling, as diffusers' pipelines compute it
+        scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        masks, mask_stats = cache_masks(plan.train, plan.masks, scale, cache_dir, shard=shard, show_progress=show)
     accelerator.wait_for_everyone()
     latent_stats, text_stats = report_caches(latent_stats, text_stats, cache_dir, accelerator)
+    if mask_stats is not None and (mask_stats := summed(mask_stats, accelerator)) and accelerator.is_local_main_process:
+        print(f"sdtune: mask cache {mask_stats.encoded} encoded, {mask_stats.reused} reused" + (f", {mask_stats.rebuilt} rebuilt" if mask_stats.rebuilt else ""))
     n = len(plan.train)
     return Caches(
         latents=latents[:n], validation_latents=latents[n:],
         text=text[:n] if text else None, validation_text=text[n : len(items)] if text else None,
-        empty_text=text[-1] if text else None, latent_stats=latent_stats, text_stats=text_stats,
+        empty_text=text[-1] if text else None, latent_stats=latent_stats, text_stats=text_stats, masks=masks,
     )
 
 
-def cached_datasets(plan: DataPlan, caches: Caches, parts, shuffle_tags: bool, keep_tokens: int, seed: int):
+def cached_datasets(plan: DataPlan, caches: Caches, parts, shuffle_tags: bool, keep_tokens: int, seed: int,
+                    prior_loss_weight: float = 1.0):
     """Training and held-out datasets over the caches (SDXL's with each view's size/crop ids),
-    and the empty caption's text parts (token ids when the text encoder runs in the loop)."""
+    and the empty caption's text parts (token ids when the text encoder runs in the loop).
+    Training samples carry their loss weight (``prior_loss_weight`` for DreamBooth class
+    images) when there are class images, and their loss mask with data.masks."""
     train_ids, val_ids = time_ids(plan.train, parts), time_ids(plan.validation, parts)
+    weights = [prior_loss_weight if i.sample.is_class else 1.0 for i in plan.train]
+    extra = {"mask_paths": caches.masks, "loss_weights": weights if any(i.sample.is_class for i in plan.train) else None}
     if caches.text is not None:
         return (
-            CachedDataset(caches.latents, text_paths=caches.text, time_ids=train_ids),
+            CachedDataset(caches.latents, text_paths=caches.text, time_ids=train_ids, **extra),
             CachedDataset(caches.validation_latents, text_paths=caches.validation_text, time_ids=val_ids),
             empty_conditioning(parts, read_entry(caches.empty_text)),
         )
     train_set = CachedDataset(
         caches.latents, captions=[i.sample.caption for i in plan.train], **tokenizers(parts),
         prefixes=[i.sample.prefix for i in plan.train], shuffle=shuffle_tags, keep_tokens=keep_tokens, seed=seed, time_ids=train_ids,
+        **extra,
     )
     val_set = CachedDataset(
         caches.validation_latents, captions=[i.sample.caption for i in plan.validation], **tokenizers(parts),
@@ -284,6 +299,35 @@ def cache_latents(
     return paths, stats
 
 
+def cache_masks(
+    items: list[Item], mode: str, scale: int, cache_dir: Path, shard: tuple[int, int] = (0, 1), show_progress: bool = True
+) -> tuple[list[Path], CacheStats]:
+    """Make sure every item has a sound loss-mask entry (data.masks, ``masks.latent_mask``);
+    return their paths. Keyed by the mask file's bytes (the image's for ``alpha``) and the
+    view's geometry; sharded, checked and counted like ``cache_latents``."""
+    rank, world = shard
+    stats, mask_bytes, paths, todo, seen = CacheStats(), {}, [], [], set()
+    for item in items:
+        if mode == "files" and item.sample.name not in mask_bytes:
+            mask_bytes[item.sample.name] = mask_file(item.sample).read_bytes()
+        source = hashlib.sha256(mask_bytes[item.sample.name]).hexdigest() if mode == "files" else item.sha256
+        key = _key(*mask_key_parts(item, mode, source, scale))
+        path = entry_path(cache_dir, "masks", key)
+        paths.append(path)
+        if key in seen or len(seen) % world != rank:
+            seen.add(key)
+            continue
+        seen.add(key)
+        width, height = item.crop.bucket
+        if path.is_file() and _sound(path, {"mask": (1, height // scale, width // scale)}, stats):
+            continue
+        todo.append((item, path))
+    for item, path in tqdm(todo, desc="caching masks", unit="img", disable=not show_progress or not todo):
+        _write_entry({"mask": latent_mask(item, mode, scale, mask_bytes.get(item.sample.name))}, path, f"the loss mask of {item.sample.name}")
+        stats.encoded += 1
+    return paths, stats
+
+
 def _same_bucket_chunks(jobs: list, size: int):
     start = 0
     while start < len(jobs):
@@ -381,6 +425,8 @@ class CachedDataset(torch.utils.data.Dataset):
         seed: int = 0,
         tokenizer_2=None,
         time_ids: list[torch.Tensor] | None = None,
+        mask_paths: list[Path] | None = None,
+        loss_weights: list[float] | None = None,
     ):
         if (text_paths is None) == (captions is None):
             raise ValueError("give either cached text paths or captions")
@@ -388,6 +434,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self.tokenizer, self.prefixes = tokenizer, prefixes or [""] * len(latent_paths)
         self.tokenizer_2, self.time_ids = tokenizer_2, time_ids
         self.shuffle, self.keep_tokens, self.seed = shuffle, keep_tokens, seed
+        self.mask_paths, self.loss_weights = mask_paths, loss_weights
 
     def __len__(self) -> int:
         return len(self.latent_paths)
@@ -413,4 +460,8 @@ class CachedDataset(torch.utils.data.Dataset):
                 item["input_ids_2"] = tokenize(self.tokenizer_2, [caption])[0]
         if self.time_ids is not None:
             item["time_ids"] = self.time_ids[index]
+        if self.mask_paths is not None:
+            item["mask"] = read_entry(self.mask_paths[index])["mask"]
+        if self.loss_weights is not None:
+            item["loss_weight"] = torch.tensor(self.loss_weights[index], dtype=torch.float32)
         return item

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from sdtune.data.buckets import make_buckets, nearest_bucket
 from sdtune.data.captions import truncated, with_prefix
 from sdtune.data.images import Crop, ImageInfo, inspect_image, place_crop
+from sdtune.data.masks import check_mask, without_mask_files
 from sdtune.data.sources import PROBLEM_KINDS, Problem, Sample, Source, find_samples
 from sdtune.errors import DataError
 from sdtune.recipe import DataSection
 
 # Problems that make an image untrainable; data.on_bad_image decides what happens.
-BAD_IMAGE = ("empty", "not_image", "unreadable", "caption_encoding", "too_small", "extreme_aspect")
+BAD_IMAGE = ("empty", "not_image", "unreadable", "caption_encoding", "too_small", "extreme_aspect", "no_mask", "bad_mask")
 MIN_KEPT_FRACTION = 0.5  # a crop keeping less of the image than this is "extreme"
 
 
@@ -81,6 +82,7 @@ class DataPlan:
     problems: list[Problem] = field(default_factory=list)  # all found, reported or skipped
     skipped: list[Problem] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)  # names of captions cut to the token limit
+    masks: str = "none"  # data.masks: none | files | alpha
 
 
 def plan_data(data: DataSection, seed: int, tokenizer=None, check: bool = True) -> DataPlan:
@@ -107,6 +109,7 @@ def plan_data(data: DataSection, seed: int, tokenizer=None, check: bool = True) 
         seed=seed,
         tokenizer=tokenizer,
         check=check,
+        masks=data.masks,
     )
 
 
@@ -125,6 +128,7 @@ def plan_dataset(
     tokenizer=None,
     threads: int | None = None,
     check: bool = True,
+    masks: str = "none",
 ) -> DataPlan:
     """Scan ``sources`` and plan one epoch; raise ``ValueError`` listing every problem
     when ``on_bad_image`` is ``fail`` (or a caption is missing and
@@ -133,7 +137,8 @@ def plan_dataset(
     ``crop``: ``center``, or ``random`` (one crop per image, drawn from ``seed`` and
     the image, so it can be cached). ``validation_split``: a fraction (< 1) or a
     count of images held out, chosen by ``split_seed`` alone so that runs with
-    different training seeds are evaluated on the same images.
+    different training seeds are evaluated on the same images; class images (DreamBooth)
+    are never held out. ``masks``: ``files`` checks each image's ``<stem>_mask.png``.
     """
     buckets = spec.buckets()
     samples: list[Sample] = []
@@ -142,6 +147,8 @@ def plan_dataset(
         found, seen = find_samples(source, missing_caption)
         samples += found
         problems += seen
+    if masks == "files":
+        samples, problems = without_mask_files(samples, problems)
 
     with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
         inspected = list(pool.map(_inspect, samples))
@@ -161,6 +168,8 @@ def plan_dataset(
             problems.append(
                 Problem(sample.name, "extreme_aspect", f"{info.width}x{info.height}: its bucket {bucket[0]}x{bucket[1]} keeps {kept_fraction:.0%} of it")
             )
+        elif masks == "files" and (mask_problem := check_mask(sample, info)) is not None:
+            problems.append(mask_problem)
         else:
             kept.append((sample, digest, info, bucket))
 
@@ -170,7 +179,7 @@ def plan_dataset(
             lines = [f"no trainable images left in {', '.join(s.path for s in sources)}:", *format_problems(problems, sources)]
             raise DataError("\n".join(lines + _hints(problems)))
 
-    held_out = _validation_names([s.name for s, *_ in kept], validation_split, split_seed) if kept else set()
+    held_out = _validation_names([s.name for s, *_ in kept if not s.is_class], validation_split, split_seed) if kept else set()
     train, validation = [], []
     for sample, digest, info, bucket in kept:
         x, y = (0.5, 0.5) if crop == "center" else _random_position(seed, digest, sample.name)
@@ -180,6 +189,7 @@ def plan_dataset(
             continue
         views = [base, Item(sample, digest, place_crop(info, bucket, x, y, flip=True), base.size)] if flip else [base]
         train += views * sample.repeats
+    train = with_class_balance(train)
     captions = list(dict.fromkeys(i.caption for i in train + validation))  # repeats share one count
     cut = {captions[i] for i in truncated(tokenizer, captions)} if tokenizer is not None else set()
     return DataPlan(
@@ -191,7 +201,23 @@ def plan_dataset(
         problems=problems,
         skipped=[p for p in problems if p.kind in BAD_IMAGE],
         truncated=sorted({i.sample.name for i in train + validation if i.caption in cut}),
+        masks=masks,
     )
+
+
+def with_class_balance(train: list[Item]) -> list[Item]:
+    """An epoch's instance items, then as many class items (DreamBooth prior preservation):
+    the class items (repeats and mirrored views included) in scan order, cycled or cut to
+    the instance count, as kohya's sd-scripts balances reg images. Fixed by the scan alone,
+    so the bucket sampler's seeded order, and a resume mid-epoch, work on it unchanged."""
+    instance = [i for i in train if not i.sample.is_class]
+    cls = [i for i in train if i.sample.is_class]
+    if not cls:
+        return train
+    if not instance:
+        raise DataError("the data holds class images (class_images: true) but no instance images to train the subject on; "
+                        "add a data source of the subject's images without class_images")
+    return instance + [cls[k % len(cls)] for k in range(len(instance))]
 
 
 def _inspect(sample: Sample) -> tuple[str, ImageInfo | tuple[str, str]]:

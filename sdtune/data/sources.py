@@ -48,6 +48,9 @@ class Source:
     image_column: str = "image"  # hf
     split: str = "train"  # hf
     caption_extensions: tuple[str, ...] = (".txt", ".caption")  # folder
+    class_images: bool = False  # DreamBooth class (regularisation) images, weighted by train.prior_loss_weight
+    class_prompt: str = ""  # caption of generated class images (sdtune.data.class_images)
+    num_class_images: int = 0  # generate until the folder holds this many
     setting: str = "data source"  # the recipe field that named it, for messages (data.path, data.sources[0].path)
 
 
@@ -58,6 +61,7 @@ class Sample:
     read: Callable[[], bytes]  # the encoded image file's bytes (png, jpeg, ...)
     repeats: int = 1
     prefix: str = ""
+    is_class: bool = False  # from a class_images source
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ PROBLEM_KINDS = {
     "too_small": "images smaller than their bucket (they would be upscaled)",
     "extreme_aspect": "images with an extreme aspect ratio (the crop would lose more than half)",
     "no_caption": "images without a caption",
+    "no_mask": "images without a loss mask (data.masks: files wants <stem>_mask.png beside each)",
+    "bad_mask": "unreadable loss masks, or masks of another shape than their image",
     "orphan_caption": "captions without an image",
 }
 
@@ -116,7 +122,7 @@ def find_samples(source: Source, missing_caption: str) -> tuple[list[Sample], li
     else:
         raise DataError(f"data source kind {kind!r} is not one of auto, folder, metadata, hf")
     samples = [
-        Sample(s.name, s.caption, s.read, s.repeats * source.repeats, source.prefix) for s in samples
+        Sample(s.name, s.caption, s.read, s.repeats * source.repeats, source.prefix, source.class_images) for s in samples
     ]
     return samples, problems
 

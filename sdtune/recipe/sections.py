@@ -88,6 +88,14 @@ class SourceSection(_Section):
     caption_extensions: list[str] = Field(
         [".txt", ".caption"], min_length=1, description="Caption file suffixes of a folder, tried in this order."
     )
+    class_images: bool = Field(
+        False, description="DreamBooth class (regularisation) images: trained for prior preservation with weight "
+        "train.prior_loss_weight, as many per epoch as there are instance images (kohya's reg folders)."
+    )
+    class_prompt: str = Field("", description="With class_images: the caption of class images generated with the base model.")
+    num_class_images: int = Field(
+        0, ge=0, description="With class_images and class_prompt: generate images into this folder until it holds this many."
+    )
 
     @field_validator("path")
     @classmethod
@@ -101,6 +109,15 @@ class SourceSection(_Section):
         if bad:
             raise ValueError(f"caption_extensions must be file suffixes such as '.txt', got {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _class_settings(self) -> SourceSection:
+        if (self.class_prompt or self.num_class_images) and not self.class_images:
+            raise ValueError(f"class_prompt and num_class_images belong to a class-image source; set class_images: true on the source {self.path}")
+        if self.num_class_images and not self.class_prompt.strip():
+            raise ValueError(f"num_class_images: {self.num_class_images} generates class images, which needs class_prompt "
+                             f"(e.g. 'a photo of a dog') on the source {self.path}")
+        return self
 
 
 class DataSection(_Section):
@@ -165,6 +182,10 @@ class DataSection(_Section):
         "all runs. Default: $SDTUNE_CACHE or ~/.cache/sdtune.",
     )
     num_workers: int = Field(2, ge=0, description="Data-loader worker processes reading the cache.")
+    masks: Literal["none", "files", "alpha"] = Field(
+        "none", description="Loss masks: `files` reads `<stem>_mask.png` beside each image (white trains, black is ignored), "
+        "`alpha` the image's alpha channel (none: all trained); cached at latent resolution."
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -191,6 +212,8 @@ class DataSection(_Section):
             raise ValueError("give data.path (one folder) or data.sources (a list), not both")
         if self.path is None and not self.sources:
             self.path = "datasets/sample"
+        if self.sources and all(s.class_images for s in self.sources):
+            raise ValueError("every data source has class_images: true; add the instance images (the subject) as a source without it")
         if self.bucket_step % 8:
             raise ValueError(f"data.bucket_step must be a multiple of 8 (the VAE's downsampling), got {self.bucket_step}")
         if self.resolution % self.bucket_step:
@@ -253,6 +276,9 @@ class TrainSection(_Section):
         "mse", description="`mse`, or pseudo-Huber `huber` / `smooth_l1` that damp outlier errors."
     )
     huber_c: float = Field(0.1, gt=0, description="Scale of the Huber losses: errors below it count quadratically.")
+    prior_loss_weight: float = Field(
+        1.0, ge=0, description="Weight of the class images' loss (DreamBooth prior preservation; data.sources[].class_images)."
+    )
     timestep_sampling: Literal["uniform", "logit_normal"] = Field(
         "uniform", description="How training timesteps are drawn: `uniform`, or `logit_normal` (favours the middle)."
     )
@@ -410,6 +436,9 @@ class Recipe(_Section):
             raise ValueError("train.full_text_encoder trains all text-encoder weights, which needs train.method: full "
                              "(for a LoRA, use lora.text_encoder: true)")
         check_embedding(self)
+        if self.train.prior_loss_weight != 1.0 and not any(s.class_images for s in self.data.sources):
+            raise ValueError("train.prior_loss_weight weights the loss of class images, and no data source has them; add a "
+                             "source with class_images: true (DreamBooth prior preservation) or leave train.prior_loss_weight at 1")
         if self.model.zero_terminal_snr and self.preview.prompts:
             from sdtune.samplers import (
                 SAMPLERS,  # diffusers' schedulers: imported only when previews are asked for
