@@ -184,3 +184,16 @@ def test_the_dreambooth_recipe_without_the_users_files_stops_before_drawing(tmp_
     assert code == 2 and "Traceback" not in err
     assert "data.sources[0].path my_subject does not exist" in err, err
     assert not (tmp_path / "class_images").exists()
+
+
+def test_class_images_are_drawn_only_into_a_folder_of_images_with_captions(tmp_path):
+    subject, cls = _instance_and_class(tmp_path, instances=1, classes=1)
+    (cls / "metadata.jsonl").write_text('{"file_name": "001.png", "text": "a shape"}\n')
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    sources = [SimpleNamespace(path=str(subject), kind="auto", class_images=False, num_class_images=0),
+               SimpleNamespace(path=str(cls), kind="auto", class_images=True, class_prompt="a shape", num_class_images=3)]
+    with pytest.raises(DataError, match=r"data.sources\[1\] draws class images into .* not a folder of images with .txt captions"):
+        fill_class_folders(sources, str(tmp_path / "no-model"), False, 64, 0, accelerator)
+    (cls / "metadata.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="model.path .*no-model does not exist; class images are drawn with the base model"):
+        fill_class_folders(sources, str(tmp_path / "no-model"), False, 64, 0, accelerator)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from sdtune.atomic import write_text
 from sdtune.data.sources import IMAGE_SUFFIXES, Source, resolve_kind
+from sdtune.errors import DataError
 
 SAMPLER, STEPS, CFG = "dpmpp_2m", 25, 7.0  # a deterministic sampler at settings that suit SD 1/2 bases
 BATCH = 4
@@ -65,6 +66,9 @@ def fill_class_folders(sources, model_path: str, allow_pickle: bool, size: int, 
         for i, source in enumerate(sources):
             if not source.class_images:
                 resolve_kind(Source(source.path, source.kind, setting=f"data.sources[{i}].path"))
+            elif source.num_class_images and Path(source.path).exists() and resolve_kind(Source(source.path, source.kind)) != "folder":
+                raise DataError(f"data.sources[{i}] draws class images into {source.path}, which is not a folder of images with "
+                                ".txt captions (a metadata table or a datasets folder would not list them); give it a folder of its own")
         if not Path(model_path).exists():
             raise FileNotFoundError(f"model.path {model_path} does not exist; class images are drawn with the base model: point "
                                     "it at a diffusers model folder or a single-file .safetensors checkpoint")
