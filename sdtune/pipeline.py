@@ -19,6 +19,7 @@ from sdtune import infotext
 from sdtune.export.kohya import (
     TE1_PREFIX, TE2_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, addressable_layers, merge_lora, read_lora_as_kohya, sdxl_unet_table,
 )  # fmt: skip
+from sdtune.export.lycoris import PARTS
 from sdtune.export.markers import flags_from_metadata, stated_flags
 from sdtune.hashes import file_sha256, weights_sha256
 from sdtune.errors import ModelFileError
@@ -26,7 +27,7 @@ from sdtune.samplers import sampling_config
 from sdtune.sdxl import is_sdxl
 from sdtune.weight_files import check_folder, loading_folder
 
-LORA_KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+LORA_KEY_SUFFIXES = tuple(f".{part}" for part in PARTS)  # LoRA's, and DoRA's, LoHa's and LoKr's (LyCORIS keys)
 
 
 @dataclass
@@ -63,8 +64,8 @@ def read_lora_file(path: str | Path, allow_pickle: bool = False, sdxl: bool = Fa
     foreign = [key for key in tensors if not key.endswith(LORA_KEY_SUFFIXES)]
     if foreign:
         raise ValueError(
-            f"{path} is not a plain LoRA (found key {foreign[0]!r}); sdtune sample reads lora_down/lora_up/alpha "
-            "layers (LoCon/LoHa/LoKr and DoRA files are not supported)"
+            f"{path} is not a LoRA sdtune reads (found key {foreign[0]!r}); sdtune sample reads LoRA/LoCon "
+            "(lora_down/lora_up/alpha), DoRA (dora_scale), LoHa (hada_*) and LoKr (lokr_*) layers"
         )
     short_hash = infotext.lora_short_hash(path, metadata)
     return Lora(path=path, name=path.stem, short_hash=short_hash, tensors=tensors, metadata=metadata)

@@ -247,3 +247,25 @@ def test_a_run_saves_resumes_and_exports_bit_exact(kind, tiny_v, small_dataset, 
     assert metadata["ss_network_module"] == "lycoris.kohya" and json.loads(metadata["ss_network_args"])["algo"] == algorithm
     suffix = {"dora": ".dora_scale", "loha": ".hada_w1_a", "lokr": ".lokr_w1"}[kind]
     assert any(key.endswith(suffix) for key in a) and any(key.endswith("_conv1" + suffix) for key in a)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_sample_reads_the_file_and_a_weight_scales_the_change(reduced_v1, kind, tmp_path):
+    """`sdtune sample --lora` takes the file; at weight 0.5 a layer moves half way to peft's merged
+    weight (the UIs' strength: W + m * (W' - W), for DoRA too)."""
+    from safetensors.torch import save_file
+
+    from sdtune.pipeline import read_lora_file
+
+    unet, text_encoder, (base_unet, base_te) = _adapted(reduced_v1, kind)
+    tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
+    save_file(tensors, tmp_path / "x.safetensors", {"ss_v2": "False"})
+    assert read_lora_file(tmp_path / "x.safetensors").tensors.keys() == tensors.keys()
+    save_file(tensors | {"lora_unet_conv_in.lora_mid.weight": torch.zeros(1)}, tmp_path / "tucker.safetensors")
+    with pytest.raises(ValueError, match="lora_mid"):
+        read_lora_file(tmp_path / "tucker.safetensors")
+    originals = {path: unet.get_submodule(path).get_base_layer().weight.detach().clone() for path in lora_layers(unet)}
+    merge_lora(tensors, base_unet, base_te, multiplier=0.5)
+    for path, merged in _peft_merged(unet).items():
+        expected = originals[path] + 0.5 * (merged - originals[path])
+        assert (base_unet.get_submodule(path).weight - expected).abs().max() <= 1e-5 * max(1.0, merged.abs().max().item()), path

@@ -206,7 +206,7 @@ def peft_to_kohya(
         if match is None:
             raise ValueError(
                 f"key {key!r} is neither a kohya LoRA weight (lora_unet_*, lora_te_*) nor a PEFT/diffusers one "
-                "(<module>.lora_A.weight / .lora_B.weight); LoCon/LoHa/LoKr and DoRA files are not supported"
+                "(<module>.lora_A.weight / .lora_B.weight); PEFT-named LoHa/LoKr and DoRA files are not supported (kohya-named ones are)"
             )
         path, part = match.groups()
         start, component = next((c, p) for c, p in PEFT_COMPONENTS if path.startswith(c))
