@@ -105,20 +105,24 @@ def test_mask_entries_are_cached_and_a_changed_mask_file_gets_a_new_entry(tiny_v
     assert (after.encoded, after.reused) == (1, 2) and after_paths[1] != paths[1] and after_paths[0] == paths[0]
 
 
-def test_a_missing_or_misshapen_mask_is_reported_or_skipped_by_on_bad_image(tmp_path):
-    data = _images(tmp_path / "data", 3)
+def test_a_missing_misshapen_or_broken_mask_is_reported_or_skipped_by_on_bad_image(tmp_path):
+    data = _images(tmp_path / "data", 4)
     images = sorted(data.glob("*.png"))
     _half_mask(data / f"{images[0].stem}_mask.png", (64, 64))
     _half_mask(data / f"{images[1].stem}_mask.png", (64, 32))  # another shape
+    _half_mask(data / f"{images[2].stem}_mask.png", (64, 64))
+    broken = (data / f"{images[2].stem}_mask.png").read_bytes()
+    (data / f"{images[2].stem}_mask.png").write_bytes(broken[: len(broken) // 2])  # truncated: fails only when decoded
     with pytest.raises(DataError) as info:
         plan_dataset([Source(str(data))], SPEC, masks="files")
     message = str(info.value)
-    assert "images without a loss mask" in message and f"{images[2]}  (no {images[2].stem}_mask.png)" in message
+    assert "images without a loss mask" in message and f"{images[3]}  (no {images[3].stem}_mask.png)" in message
     assert f"{images[1].stem}_mask.png is 64x32, the image 64x64: another shape" in message
+    assert f"{images[2].stem}_mask.png cannot be read" in message
     assert "data.on_bad_image: skip" in message
     plan = plan_dataset([Source(str(data))], SPEC, masks="files", on_bad_image="skip")
     assert [i.sample.name for i in plan.train] == [str(images[0])]
-    assert {p.kind for p in plan.skipped} == {"no_mask", "bad_mask"}
+    assert sorted(p.kind for p in plan.skipped) == ["bad_mask", "bad_mask", "no_mask"]
 
 
 def _masked_run(model, tmp_path, name, *extra):

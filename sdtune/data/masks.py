@@ -56,8 +56,8 @@ def check_mask(sample: Sample, info: ImageInfo) -> Problem | None:
         return Problem(sample.name, "no_mask", f"no {path.name}")
     try:
         with Image.open(path) as mask:
-            mask = ImageOps.exif_transpose(mask)
-            width, height = mask.size
+            mask.load()  # decodes every pixel: a truncated mask fails here, not in the cache
+            width, height = ImageOps.exif_transpose(mask).size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return Problem(sample.name, "bad_mask", f"{path.name} cannot be read: {exc}")
     if abs((width / height) / (info.width / info.height) - 1) > SHAPE_TOLERANCE:
