@@ -202,3 +202,33 @@ def load_into_pipeline(pipe, path: str | Path, token: str | None = None) -> str:
             raise RecipeError(f"--embedding {path}: an SD 1/2 embedding holds one tensor; this file has {', '.join(tensors)}")
         pipe.load_textual_inversion(next(iter(tensors.values())), token=token)
     return token
+
+
+WIDTHS = {768: "SD 1.x (CLIP ViT-L, 768)", 1024: "SD 2.x (OpenCLIP ViT-H, 1024)"}
+
+
+def is_embedding(tensors: dict[str, torch.Tensor]) -> bool:
+    """An embedding file as A1111 reads one: SDXL's clip_l and clip_g, or a single 1-D/2-D tensor."""
+    if set(tensors) == {"clip_l", "clip_g"}:
+        return True
+    return len(tensors) == 1 and next(iter(tensors.values())).ndim in (1, 2) and "." not in next(iter(tensors))
+
+
+def embedding_lines(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[str]:
+    """What ``sdtune inspect`` says of an embedding file."""
+    path = Path(path)
+    if "clip_l" in tensors and "clip_g" in tensors:
+        vectors, widths = tensors["clip_g"].shape[0], f"clip_l {tensors['clip_l'].shape[-1]}, clip_g {tensors['clip_g'].shape[-1]}"
+        model = "SDXL (CLIP-L 768 + bigG 1280)" if (tensors["clip_l"].shape[-1], tensors["clip_g"].shape[-1]) == (768, 1280) else None
+    else:
+        (key, value), = tensors.items()
+        vectors, widths = (value.shape[0] if value.ndim == 2 else 1), f"{key} {value.shape[-1]}"
+        model = WIDTHS.get(value.shape[-1])
+    lines = [f"{path.name}: textual-inversion embedding, {vectors} vector(s) ({widths} wide)",
+             f"for: {model or 'no released SD model has this width (a tiny test model?); A1111 and ComfyUI skip it on others'}",
+             f"prompt word: A1111 `{path.stem}` (the file name), ComfyUI `embedding:{path.stem}`, "
+             f"diffusers load_textual_inversion(..., token=...)"]
+    if "sdtune.token" in metadata:
+        lines.append(f"trained by sdtune: token {metadata['sdtune.token']!r}, {metadata.get('step', '?')} steps, "
+                     f"base {metadata.get('sd_checkpoint_name', '?')} [{metadata.get('sd_checkpoint', '?')}]")
+    return lines

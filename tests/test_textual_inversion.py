@@ -180,6 +180,15 @@ def test_sdxl_trains_and_writes_clip_l_and_clip_g(tiny_sdxl, tmp_path):
         assert torch.equal(trained_encoder.get_input_embeddings().base.weight, encoder.get_input_embeddings().weight)
     assert read_embedding(result.output)[1]["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
 
+    from sdtune.sample import main as sample
+
+    images = {}
+    for name, embedding in (("with", ["--embedding", str(result.output)]), ("without", [])):
+        paths = sample(["--model", str(tiny_sdxl), *embedding, "--prompt", "zwx", "--seed", "1", "--steps", "2",
+                        "--size", "64x64", "--sampler", "euler", "--out", str(tmp_path / name)])
+        images[name] = np.asarray(Image.open(paths[0]), dtype=np.int16)
+    assert np.abs(images["with"] - images["without"]).max() > 0
+
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)  # as diffusers documents SDXL embeddings
     pipe.load_textual_inversion(tensors["clip_l"], token="zwx", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(tensors["clip_g"], token="zwx", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
@@ -205,10 +214,16 @@ def test_resume_ends_where_an_uninterrupted_run_ends_with_small_checkpoints(tiny
 def test_the_cli_trains_an_embedding_end_to_end(tiny_sd2_v, tmp_path, capsys):
     from sdtune.cli import main
 
-    sets = _sets(tiny_sd2_v, _data(tmp_path), tmp_path / "out", "model.prediction_type=v_prediction", "embedding.vectors=1")
+    sets = _sets(tiny_sd2_v, _data(tmp_path), tmp_path / "out", "model.prediction_type=v_prediction", "embedding.vectors=1",
+                 "ema.enabled=true", "ema.decay=0.5", "checkpoint.every_steps=2", "preview.prompts=[a photo of zwx]", "preview.steps=2")
     assert main(["train", "--recipe", str(RECIPE), *[a for s in sets for a in ("--set", s)]]) == 0
     out = tmp_path / "out" / "zwx.safetensors"
     assert f"wrote {out}" in capsys.readouterr().out
+    assert (tmp_path / "out" / "previews" / "zwx" / "step-000004.png").is_file()  # drawn with the new word
+    ema = torch.load(tmp_path / "out" / "checkpoints" / "zwx" / "step-00000002" / "ema.pt", weights_only=True)
+    assert [tuple(p.shape) for p in ema["shadow_params"]] == [(1, 32)]  # EMA of the new row alone
+    assert main(["inspect", str(out)]) == 0
+    assert "zwx.safetensors: textual-inversion embedding, 1 vector(s) (emb_params 32 wide)" in capsys.readouterr().out
     tensors = load_file(out)
     assert a1111_reads(tensors, 32, sdxl=False).shape == (1, 32)
     assert comfyui_reads(tensors, "clip_h", 32).shape == (1, 32)  # SD 2's key is absent: the first tensor

@@ -18,6 +18,7 @@ from sdtune.export.kohya import PEFT_KEY, partial_sd2_attention
 from sdtune.export.markers import flags_from_file
 from sdtune.export.metadata import SDXL
 from sdtune.export.sgm_checkpoint import configs_from_sgm_shapes, is_sgm, split_sgm
+from sdtune.textual_inversion import embedding_lines, is_embedding
 
 KOHYA_PARTS = lycoris.PARTS  # LoRA's, and DoRA's, LoHa's and LoKr's (LyCORIS keys)
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(" + "|".join(re.escape(p) for p in KOHYA_PARTS) + ")")
@@ -47,6 +48,8 @@ def inspect_file(path: str | Path, allow_pickle: bool = False) -> Report:
     tensors, metadata = read_tensors(path, allow_pickle)
     if any("lora_" in key for key in tensors):
         return _lora_report(path, tensors, metadata)
+    if is_embedding(tensors):
+        return Report(embedding_lines(path, tensors, metadata))
     if is_sgm(tensors):
         return _sdxl_checkpoint_report(path, tensors, metadata)
     return _checkpoint_report(path, tensors, metadata)
