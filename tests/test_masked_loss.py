@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdtune.data.cache import cache_masks
 from sdtune.data.masks import latent_mask
-from sdtune.data.plan import BucketSpec, plan_dataset
+from sdtune.data.plan import BucketSpec, plan_dataset, summary
 from sdtune.data.sources import Source
 from sdtune.diffusion import diffusion_loss
 from sdtune.errors import DataError
@@ -95,8 +95,12 @@ def test_mask_entries_are_cached_and_a_changed_mask_file_gets_a_new_entry(tiny_v
         _half_mask(data / f"{image.stem}_mask.png", (64, 64), level=255 - i)  # three masks: three entries
     scale = 2 ** (len(AutoencoderKL.load_config(tiny_v, subfolder="vae")["block_out_channels"]) - 1)
     plan = plan_dataset([Source(str(data))], SPEC, masks="files")
+    assert "loss masks: <stem>_mask.png files" in summary(plan)
+    shards = [cache_masks(plan.train, "files", scale, tmp_path / "shards", shard=(rank, 2), show_progress=False) for rank in (0, 1)]
+    assert [stats.encoded for _, stats in shards] == [2, 1] and shards[0][0] == shards[1][0]  # each entry made by one process
     paths, first = cache_masks(plan.train, "files", scale, tmp_path / "cache", show_progress=False)
     assert (first.encoded, first.reused) == (3, 0) and len(set(paths)) == 3
+    assert paths == [tmp_path / "cache" / p.relative_to(tmp_path / "shards") for p in shards[0][0]]  # the same keys
     again_paths, again = cache_masks(plan.train, "files", scale, tmp_path / "cache", show_progress=False)
     assert (again.encoded, again.reused) == (0, 3) and again_paths == paths
     changed = sorted(data.glob("*_mask.png"))[1]

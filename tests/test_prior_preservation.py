@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from sdtune.data.class_images import fill_class_folders, generate_class_images
-from sdtune.data.plan import BucketSpec, plan_dataset
+from sdtune.data.plan import BucketSpec, plan_dataset, summary
 from sdtune.data.sources import Source
 from sdtune.diffusion import Objective, diffusion_loss
 from sdtune.errors import DataError
@@ -88,6 +88,7 @@ def test_an_epoch_holds_as_many_class_items_as_instance_items_and_none_is_held_o
     assert len(held.validation) == 2 and not any(i.sample.is_class for i in held.validation)
     views = lambda items: [(i.sample.name, i.crop, i.sample.is_class) for i in items]  # noqa: E731
     assert views(plan_dataset(sources, SPEC, flip=True).train) == views(plan.train)  # fixed by the scan: resumes see the same epoch
+    assert "items per epoch: 24 (repeats and flipped copies included)\n  of which 12 class images" in summary(plan)
     with pytest.raises(DataError, match="class images .* but no instance images"):
         plan_dataset([Source(str(cls), class_images=True)], SPEC)
 

@@ -337,6 +337,11 @@ def summary(plan: DataPlan, width: int = 40) -> str:
         f"items per epoch: {len(plan.train)} (repeats and flipped copies included)",
         f"buckets (width x height: items per epoch), {len(counts)} used of {len(plan.buckets)}:",
     ]
+    classes = sum(item.sample.is_class for item in plan.train)
+    if classes:
+        lines.insert(3, f"  of which {classes} class images (DreamBooth prior preservation, weighted by train.prior_loss_weight)")
+    if plan.masks != "none":
+        lines.insert(len(lines) - 1, f"loss masks: {'<stem>_mask.png files' if plan.masks == 'files' else 'alpha channels'}")
     peak = max(counts.values(), default=1)
     for bucket in plan.buckets:
         n = counts.get(bucket, 0)
