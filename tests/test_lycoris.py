@@ -269,3 +269,40 @@ def test_sample_reads_the_file_and_a_weight_scales_the_change(reduced_v1, kind, 
     for path, merged in _peft_merged(unet).items():
         expected = originals[path] + 0.5 * (merged - originals[path])
         assert (base_unet.get_submodule(path).weight - expected).abs().max() <= 1e-5 * max(1.0, merged.abs().max().item()), path
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_sdxl_file_has_sgm_and_te1_te2_names_and_merges_as_peft(kind):
+    """SDXL: the UNet by its SGM module names (as kohya writes SDXL files), the encoders lora_te1_ / lora_te2_;
+    our merge of the file (SGM names resolved) equals peft's merge of every weight of the three models."""
+    from sdtune.export.metadata import SDXL
+    from sdtune.tiny import reduced_sdxl
+
+    algorithm, use_dora = KINDS[kind]
+    base = reduced_sdxl(seed=1)
+    unet, _, te1, te2 = (copy.deepcopy(m) for m in base)
+    add_lora(unet, 4, 3.0, 0.0, UNET_PRESETS["locon"], algorithm=algorithm, use_dora=use_dora)
+    for te in (te1, te2):
+        add_lora(te, 4, 3.0, 0.0, TE_TARGETS, algorithm=algorithm, use_dora=use_dora)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in (unet, te1, te2):
+            for name, param in model.named_parameters():
+                if param.requires_grad and "lora_magnitude_vector" not in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    tensors = kohya_state_dict(unet, te1, torch.float32, base_model_version=SDXL, text_encoder_2=te2)
+    names = {key.split(".", 1)[0] for key in tensors}
+    assert any(n.startswith("lora_unet_input_blocks_") for n in names) and not any(n.startswith("lora_unet_down_blocks") for n in names)
+    assert any(n.startswith("lora_te1_") for n in names) and any(n.startswith("lora_te2_") for n in names)
+    base_unet, _, base_te1, base_te2 = (copy.deepcopy(m) for m in base)
+    merge_lora(tensors, base_unet, base_te1, text_encoder_2=base_te2)
+    for peft_model, ours, original in ((unet, base_unet, base[0]), (te1, base_te1, base[2]), (te2, base_te2, base[3])):
+        for layer in lora_layers(peft_model).values():
+            layer.merge()
+        adapter = ("lora_", "hada_", "lokr_")
+        theirs = {k.replace(".base_layer", ""): v for k, v in peft_model.state_dict().items() if not any(a in k for a in adapter)}
+        mine = ours.state_dict()
+        assert theirs.keys() == mine.keys()
+        worst = max((theirs[k] - mine[k]).abs().max().item() / max(1.0, theirs[k].abs().max().item()) for k in mine)
+        assert worst < 1e-5, worst
+        assert sum(not torch.equal(mine[k], v) for k, v in original.state_dict().items()) == len(lora_layers(peft_model))
