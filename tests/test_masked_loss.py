@@ -164,3 +164,19 @@ def test_the_masked_lora_recipe_runs_with_masks_beside_the_images(tiny_eps, tmp_
     result = train(recipe)
     assert result.steps == 2 and result.output.is_file()
     assert len(list((tmp_path / "cache" / "masks").rglob("*.safetensors"))) == 2
+
+
+def test_class_images_without_mask_files_train_unmasked(tmp_path):
+    subject = _images(tmp_path / "subject", 1)
+    cls = _images(tmp_path / "class", 2)
+    _half_mask(subject / f"{next(subject.glob('*.png')).stem}_mask.png", (64, 64))
+    plan = plan_dataset([Source(str(subject)), Source(str(cls), class_images=True)], SPEC, masks="files")
+    instance, prior = plan.train
+    assert prior.sample.is_class and not plan.problems
+    paths, _ = cache_masks(plan.train, "files", 8, tmp_path / "cache", show_progress=False)
+    from sdtune.data.cache import read_entry
+
+    assert (read_entry(paths[1])["mask"] == 1).all() and (read_entry(paths[0])["mask"][0, :, :4] == 0).all()
+    (next(subject.glob("*_mask.png"))).unlink()
+    with pytest.raises(DataError, match="images without a loss mask"):  # an instance image still needs its mask
+        plan_dataset([Source(str(subject)), Source(str(cls), class_images=True)], SPEC, masks="files")

@@ -309,7 +309,8 @@ def cache_masks(
     stats, mask_bytes, paths, todo, seen = CacheStats(), {}, [], [], set()
     for item in items:
         if mode == "files" and item.sample.name not in mask_bytes:
-            mask_bytes[item.sample.name] = mask_file(item.sample).read_bytes()
+            file = mask_file(item.sample)  # none beside a class image: it trains unmasked (masks.check_mask)
+            mask_bytes[item.sample.name] = file.read_bytes() if file.is_file() else b""
         source = hashlib.sha256(mask_bytes[item.sample.name]).hexdigest() if mode == "files" else item.sha256
         key = _key(*mask_key_parts(item, mode, source, scale))
         path = entry_path(cache_dir, "masks", key)

@@ -2,7 +2,8 @@
 
 ``files``: a grayscale ``<stem>_mask.png`` beside each image (white: trained, black:
 ignored, grey: in between; an RGB mask counts by its luminance). ``alpha``: the
-image's own alpha channel (an image without one is trained everywhere).
+image's own alpha channel (an image without one is trained everywhere). DreamBooth
+class images without a mask file train unmasked.
 
 A mask goes through the same geometry as its image (upright size, the resize to the
 crop's ``resized``, the bucket cut, the mirror), then is area-averaged onto the latent
@@ -52,8 +53,8 @@ def check_mask(sample: Sample, info: ImageInfo) -> Problem | None:
         raise DataError(f"data.masks: files reads <stem>{MASK_SUFFIX} beside each image file, and {sample.name} is not a "
                         "file (a datasets row); use data.masks: alpha, or a folder of images")
     path = mask_file(sample)
-    if not path.is_file():
-        return Problem(sample.name, "no_mask", f"no {path.name}")
+    if not path.is_file():  # DreamBooth class images rarely come with masks: they train unmasked
+        return None if sample.is_class else Problem(sample.name, "no_mask", f"no {path.name}")
     try:
         with Image.open(path) as mask:
             mask.load()  # decodes every pixel: a truncated mask fails here, not in the cache
@@ -67,8 +68,11 @@ def check_mask(sample: Sample, info: ImageInfo) -> Problem | None:
 
 
 def _mask_image(item, mode: str, mask_bytes: bytes | None) -> Image.Image:
-    """The mask as an 8-bit grayscale image of the upright image's size."""
-    if mode == "files":
+    """The mask as an 8-bit grayscale image of the upright image's size (all white for
+    a class image without a mask file: ``mask_bytes`` empty)."""
+    if mode == "files" and not mask_bytes:
+        mask = Image.new("L", item.size, 255)
+    elif mode == "files":
         with Image.open(io.BytesIO(mask_bytes)) as image:
             mask = to_rgb(ImageOps.exif_transpose(image)).convert("L")
     else:
