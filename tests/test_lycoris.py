@@ -154,6 +154,39 @@ def test_comfyui_rules_read_the_file_as_peft_merged_it(reduced_v1, kind):
             assert (today - expected).abs().max() <= 1e-4 * expected.abs().max(), name
 
 
+# A1111's built-in extension (extensions-builtin/Lora/network_hada.py, network_lokr.py, network.py
+# calc_scale), restated for LoHa and LoKr: dim = hada_w1_b's rows; for LoKr lokr_w1_b's, then
+# lokr_w2_b's rows, else none; scale = alpha / dim, or 1.0 without alpha or dim.
+def a1111_updown(lora: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> torch.Tensor:
+    w = {key.split(".", 1)[1]: value.float() for key, value in lora.items() if key.split(".", 1)[0] == name}
+    if "hada_w1_a" in w:
+        dim = w["hada_w1_b"].shape[0]
+        shape = [w["hada_w1_a"].size(0), w["hada_w1_b"].size(1)]
+        updown = (w["hada_w1_a"] @ w["hada_w1_b"]).reshape(shape) * (w["hada_w2_a"] @ w["hada_w2_b"]).reshape(shape)
+    else:
+        dim = w["lokr_w1_b"].shape[0] if "lokr_w1_b" in w else None
+        dim = w["lokr_w2_b"].shape[0] if "lokr_w2_b" in w else dim
+        w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
+        w2 = w["lokr_w2"] if "lokr_w2" in w else w["lokr_w2_a"] @ w["lokr_w2_b"]
+        shape = weight.shape if weight.ndim == 4 else [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+        if len(w2.shape) == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        updown = torch.kron(w1, w2).reshape(shape)
+    scale = w["alpha"].item() / dim if dim is not None and "alpha" in w else 1.0
+    return updown.reshape(weight.shape) * scale
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_a1111_rules_read_loha_and_lokr_as_peft_merged_them(reduced_v1, kind):
+    unet, text_encoder, _ = _adapted(reduced_v1, kind)
+    tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
+    theirs = {kohya_name("lora_unet_", p): (unet.get_submodule(p).get_base_layer().weight.detach().clone(), w)
+              for p, w in _peft_merged(unet).items()}
+    for name, (original, merged) in theirs.items():
+        delta = merged - original
+        assert (a1111_updown(tensors, name, original) - delta).abs().max() <= 1e-5 * max(1.0, delta.abs().max().item()), name
+
+
 def _lora_part(tensors, name, original):
     up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
     scale = tensors[f"{name}.alpha"].item() / down.shape[0]
