@@ -68,6 +68,7 @@ from sdtune.trainable import (
     merge_first,
     network_args,
     place_encoders,
+    prepare_models,
     write_result_with_ema,
 )
 
@@ -131,7 +132,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         opt.max_steps * accelerator.num_processes, opt.lr_num_cycles, opt.lr_power)
     order, loader = make_loader(dataset, [i.crop.bucket for i in plan.train], opt.batch_size, opt.seed, data.num_workers, accelerator)
     trained = [unet, text_encoder] if train_te else [unet]
-    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    *trained, optimizer, lr_scheduler = prepare_models(accelerator, trained, optimizer, lr_scheduler)  # a frozen UNet is not wrapped
     unet, encoder = trained[0], trained[1] if train_te else text_encoder  # what the loop runs
     models = {"unet": accelerator.unwrap_model(unet)} | ({"text_encoder": accelerator.unwrap_model(trained[1])} if train_te else {})
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -116,3 +116,16 @@ def network_args(lora) -> dict[str, str]:
     if lora.preset not in ("locon", "custom") or (lora.conv_rank is None and lora.conv_alpha is None):
         return args
     return args | {"conv_dim": str(lora.conv_rank or lora.rank), "conv_alpha": str(lora.conv_alpha or lora.alpha)}
+
+
+def prepare_models(accelerator, models: list, optimizer, lr_scheduler) -> list:
+    """accelerate's ``prepare`` of ``models``, optimizer and schedule, except that a model with
+    nothing to train (textual inversion's UNet) gets its autocast but no DDP wrapper: DDP
+    refuses a module without gradients (accelerate skips it on GPUs, not on CPU processes)."""
+    frozen = {id(m): m for m in models if not any(p.requires_grad for p in m.parameters())}
+    if not frozen:
+        return list(accelerator.prepare(*models, optimizer, lr_scheduler))
+    ready = {key: accelerator.prepare_model(m, evaluation_mode=True) for key, m in frozen.items()}
+    *trained, optimizer, lr_scheduler = accelerator.prepare(*[m for m in models if id(m) not in ready], optimizer, lr_scheduler)
+    trained = iter(trained)
+    return [ready[id(m)] if id(m) in ready else next(trained) for m in models] + [optimizer, lr_scheduler]

@@ -259,3 +259,31 @@ def test_new_token_rows_read_the_base_table_below_the_vocabulary():
     assert torch.equal(out[0, :2], base.weight[[0, 4]]) and torch.equal(out[0, 2:], torch.ones(2, 3))
     out.sum().backward()
     assert base.weight.grad is None and torch.equal(rows.rows.grad, torch.ones(2, 3))
+
+
+def test_frozen_weights_are_stored_in_the_mixed_precision_dtype_and_the_rows_in_fp32(tiny_eps, tmp_path):
+    result = train(load_recipe(RECIPE, _sets(tiny_eps, _data(tmp_path, count=2), tmp_path / "out", "train.mixed_precision=bf16",
+                                             "train.max_steps=1", "train.batch_size=1")))
+    (rows,) = new_rows(result.text_encoder)
+    assert {p.dtype for p in result.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for n, p in result.text_encoder.named_parameters() if not n.endswith(".rows")} == {torch.bfloat16}
+    assert rows.rows.dtype == torch.float32 and load_file(result.output)["emb_params"].dtype == torch.float32
+
+
+def test_two_processes_train_the_rows_like_one(tiny_eps, tmp_path):
+    """Two CPU processes (DDP over the rows alone: the frozen UNet is not wrapped, which DDP
+    refuses) train what one process does with their batches as accumulation steps."""
+    import subprocess
+
+    from conftest import cpu_processes
+
+    data = _data(tmp_path)
+    common = ("train.deterministic=true", "train.batch_size=1", "train.max_steps=3")
+    one = train(load_recipe(RECIPE, _sets(tiny_eps, data, tmp_path / "one", *common, "train.gradient_accumulation_steps=2"))).output
+    args = [a for s in _sets(tiny_eps, data, tmp_path / "two", *common) for a in ("--set", s)]
+    command, env = cpu_processes(2, str(ROOT / "sdtune" / "train.py"), "--recipe", str(RECIPE), *args)
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = load_file(one)["emb_params"], load_file(tmp_path / "two" / "zwx.safetensors")["emb_params"]
+    init = load_components(tiny_eps, "epsilon", False).text_encoder.get_input_embeddings().weight[2368]  # "cat"
+    assert (one - init).abs().max() > 1e-2 and (two - one).abs().max() < 1e-5, (two - one).abs().max()
