@@ -52,6 +52,7 @@ class Model:
     # The base weights of every layer a LoRA changes, so any weights can be set again exactly.
     base_weights: dict[str, tuple[torch.nn.Module, torch.Tensor]] = field(repr=False)
     lora_weights: tuple[float, ...] = ()  # what is merged in now
+    embeddings: list[tuple[str, str]] = field(default_factory=list)  # (token, A1111's 12-digit short hash) of each --embedding
 
 
 def read_lora_file(path: str | Path, allow_pickle: bool = False, sdxl: bool = False) -> Lora:

@@ -26,6 +26,7 @@ from transformers.utils import logging as transformers_logging
 
 from sdtune import grid as grids
 from sdtune import infotext
+from sdtune.hashes import file_sha256
 from sdtune.pipeline import Model, load_pipeline, set_lora_weights
 from sdtune.samplers import SAMPLER_BY_A1111_NAME, SAMPLERS, ZTSNR_CFG_RESCALE, default_cfg_rescale, generate, make_sampler
 from sdtune.textual_inversion import load_into_pipeline
@@ -72,6 +73,8 @@ def job_parameters(job: Job, model: Model) -> str:
         # The name the CFG-rescale extension for A1111 reads.
         "CFG Rescale phi": _number(job.cfg_rescale) if job.cfg_rescale else None,
         "Lora hashes": ", ".join(f"{infotext.lora_alias(n)}: {hashes[n]}" for n, _ in active) or None,
+        # A1111 lists the embeddings a prompt uses, by name and the first 12 hex digits of the file's sha256.
+        "TI hashes": ", ".join(f"{t}: {h}" for t, h in model.embeddings if t.lower() in job.prompt.lower()) or None,
         "DDPM noise": None if job.ddpm_noise else "off",
         "RNG": "CPU",  # initial noise from torch's CPU generator, as A1111's "CPU" setting draws it
     }
@@ -221,8 +224,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     elif args.compare and not loras:
         raise ValueError("--compare alone compares the LoRAs off and on; add --lora FILE, or name a base model: --compare BASE")
     model = models[0]
-    for text in args.embedding:
-        print(f"sdtune: embedding {text} as {load_into_pipeline(model.pipe, *parse_embedding_arg(text))!r}")
+    for path, token in map(parse_embedding_arg, args.embedding):
+        model.embeddings.append((load_into_pipeline(model.pipe, path, token), file_sha256(Path(path))[:12]))
+        print(f"sdtune: embedding {path} as {model.embeddings[-1][0]!r}")
     _report_flags(model)
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)
     width, height = args.size or _native_size(model.pipe)

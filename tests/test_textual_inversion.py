@@ -3,6 +3,7 @@ diffusers as their loaders read it; sampling uses it; resume and mistakes behave
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -148,14 +149,19 @@ def test_sampling_with_the_embedding_changes_only_prompts_that_name_it(sd1_run, 
     assert parse_embedding_arg(f"{result.output}:other") == (str(result.output), "other")
     assert parse_embedding_arg(str(result.output)) == (str(result.output), None)
 
+    infotexts = []
+
     def draw(folder, *embedding) -> list[np.ndarray]:
         paths = sample(["--model", str(model), *embedding, "--prompt", "a photo of zwx", "--prompt", "a photo of a cat",
                         "--seed", "3", "--steps", "4", "--size", "64x64", "--sampler", "euler", "--out", str(tmp_path / folder)])
+        infotexts.extend(Image.open(p).info["parameters"] for p in paths)
         return [np.asarray(Image.open(p), dtype=np.int16) for p in paths]
 
     (with_token, without_token), (plain_token, plain_cat) = draw("ti", "--embedding", str(result.output)), draw("base")
     assert np.abs(with_token - plain_token).max() > 0  # the file's stem, zwx, is the token
     assert np.array_equal(without_token, plain_cat)
+    short_hash = hashlib.sha256(result.output.read_bytes()).hexdigest()[:12]  # A1111's TI hash
+    assert f'TI hashes: "zwx: {short_hash}"' in infotexts[0] and "TI hashes" not in "".join(infotexts[1:])
 
 
 # -- SDXL: both encoders' rows ---------------------------------------------------------------------
