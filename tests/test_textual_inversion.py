@@ -293,3 +293,31 @@ def test_two_processes_train_the_rows_like_one(tiny_eps, tmp_path):
     one, two = load_file(one)["emb_params"], load_file(tmp_path / "two" / "zwx.safetensors")["emb_params"]
     init = load_components(tiny_eps, "epsilon", False).text_encoder.get_input_embeddings().weight[2368]  # "cat"
     assert (one - init).abs().max() > 1e-2 and (two - one).abs().max() < 1e-5, (two - one).abs().max()
+
+
+def test_the_rows_start_from_the_init_tokens_and_pooling_stays_at_the_end_token(tiny_sdxl, tmp_path):
+    from sdtune.data.plan import plan_data
+    from sdtune.data.captions import tokenize
+    from sdtune.textual_inversion import add_embedding
+
+    parts = load_components(tiny_sdxl, "epsilon", False)
+    for encoder in (parts.text_encoder, parts.text_encoder_2):  # as the configs of SDXL's own repository say
+        encoder.config.eos_token_id = 2
+        for module in encoder.modules():
+            if "eos_token_id" in vars(module):
+                module.eos_token_id = 2
+    plan = plan_data(recipe_from_dict({"data": {"path": str(_data(tmp_path, "{} in the style of ZWX")), "resolution": 64}}).data, 0)
+    tables = [e.get_input_embeddings().weight.detach().clone() for e in (parts.text_encoder, parts.text_encoder_2)]
+    spelt = add_embedding(parts, plan, "zwx", "a big cat", 4)
+    assert all(item.caption.endswith("in the style of zwx zwx_1 zwx_2 zwx_3") for item in spelt.train)  # any case names it
+    init = parts.tokenizer("a big cat", add_special_tokens=False).input_ids
+    assert len(init) == 3
+    for encoder, table in zip((parts.text_encoder, parts.text_encoder_2), tables):
+        (rows,) = new_rows(encoder)  # vector i from init token i*3//4, as A1111 spreads them
+        assert torch.equal(rows.rows, table[[init[0], init[0], init[1], init[2]]])
+    ids = tokenize(parts.tokenizer_2, [spelt.train[0].caption])
+    with torch.no_grad():
+        out = parts.text_encoder_2(ids, output_hidden_states=True)
+        end = (ids[0] == parts.tokenizer_2.eos_token_id).nonzero()[0, 0]
+        expected = parts.text_encoder_2.text_projection(out.last_hidden_state[0, end])
+    assert torch.allclose(out.text_embeds[0], expected)  # not at the new ids, the highest in the prompt
