@@ -113,13 +113,18 @@ def add_embedding(parts, plan, token: str, init_word: str, vectors: int):
             raise RecipeError(f"the tokenizer holds {len(tokenizer)} entries but the text encoder {base.num_embeddings} "
                               "rows: this base model's tokenizer does not match its text encoder")
         encoder.set_input_embeddings(NewTokenRows(base, rows, tokens))
-        # Pool at the end token, not at the highest id (transformers' reading of configs that
-        # say eos_token_id 2), which the new ids would now be; SDXL's bigG pools for the UNet.
-        encoder.config.eos_token_id = tokenizer.eos_token_id
-        for module in encoder.modules():  # CLIPTextModel itself in transformers 5, its text_model in 4
-            if "eos_token_id" in vars(module):
-                module.eos_token_id = tokenizer.eos_token_id
+        pool_at_end_token(encoder, tokenizer)
     return dataclasses.replace(plan, train=_spelt(plan.train, token, vectors), validation=_spelt(plan.validation, token, vectors))
+
+
+def pool_at_end_token(encoder, tokenizer) -> None:
+    """Pool at the end token, as A1111 and ComfyUI do, not at the highest id (transformers'
+    reading of configs that say eos_token_id 2, as SD's and SDXL's own do), which a new word's
+    ids would now be; SDXL's bigG pools for the UNet."""
+    encoder.config.eos_token_id = tokenizer.eos_token_id
+    for module in encoder.modules():  # CLIPTextModel itself in transformers 5, its text_model in 4
+        if "eos_token_id" in vars(module):
+            module.eos_token_id = tokenizer.eos_token_id
 
 
 def _spelt(items: list, token: str, vectors: int) -> list:
@@ -197,6 +202,7 @@ def load_into_pipeline(pipe, path: str | Path, token: str | None = None) -> str:
                               f"this file has {', '.join(tensors)}")
         pipe.load_textual_inversion(tensors["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(tensors["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        pool_at_end_token(pipe.text_encoder_2, pipe.tokenizer_2)
     else:
         if len(tensors) != 1:
             raise RecipeError(f"--embedding {path}: an SD 1/2 embedding holds one tensor; this file has {', '.join(tensors)}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, SAMPLE
 from sdtune.errors import DataError, RecipeError
@@ -321,3 +321,16 @@ def test_the_rows_start_from_the_init_tokens_and_pooling_stays_at_the_end_token(
         end = (ids[0] == parts.tokenizer_2.eos_token_id).nonzero()[0, 0]
         expected = parts.text_encoder_2.text_projection(out.last_hidden_state[0, end])
     assert torch.allclose(out.text_embeds[0], expected)  # not at the new ids, the highest in the prompt
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtune.textual_inversion import load_into_pipeline
+
+    file = tmp_path / "zwx.safetensors"
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)}, file)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    for module in pipe.text_encoder_2.modules():
+        if "eos_token_id" in vars(module):
+            module.eos_token_id = 2
+    assert load_into_pipeline(pipe, file) == "zwx"  # the file's stem
+    assert {m.eos_token_id for m in pipe.text_encoder_2.modules() if "eos_token_id" in vars(m)} == {49407}
