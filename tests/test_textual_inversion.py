@@ -91,6 +91,7 @@ def test_only_the_new_rows_change(sd1_run):
     for name, value in base.text_encoder.state_dict().items():  # the whole vocabulary's rows included
         assert torch.equal(trained[name.replace("token_embedding.weight", "token_embedding.base.weight")], value), name
     assert [n for n, p in result.text_encoder.named_parameters() if p.requires_grad] == [rows_key]
+    assert result.text_cache is None  # the text encoder ran in every step
     assert not any(p.requires_grad for p in result.unet.parameters())
 
 
@@ -221,10 +222,12 @@ def test_the_cli_trains_an_embedding_end_to_end(tiny_sd2_v, tmp_path, capsys):
     from sdtune.cli import main
 
     sets = _sets(tiny_sd2_v, _data(tmp_path), tmp_path / "out", "model.prediction_type=v_prediction", "embedding.vectors=1",
-                 "ema.enabled=true", "ema.decay=0.5", "checkpoint.every_steps=2", "preview.prompts=[a photo of zwx]", "preview.steps=2")
+                 "ema.enabled=true", "ema.decay=0.5", "checkpoint.every_steps=2", "preview.prompts=[a photo of zwx]", "preview.steps=2",
+                 "data.validation_split=1", "validation.every_steps=2")
     assert main(["train", "--recipe", str(RECIPE), *[a for s in sets for a in ("--set", s)]]) == 0
     out = tmp_path / "out" / "zwx.safetensors"
-    assert f"wrote {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "validation loss" in printed  # a held-out caption names the word too
     assert (tmp_path / "out" / "previews" / "zwx" / "step-000004.png").is_file()  # drawn with the new word
     ema = torch.load(tmp_path / "out" / "checkpoints" / "zwx" / "step-00000002" / "ema.pt", weights_only=True)
     assert [tuple(p.shape) for p in ema["shadow_params"]] == [(1, 32)]  # EMA of the new row alone
