@@ -239,9 +239,11 @@ def test_the_cli_trains_an_embedding_end_to_end(tiny_sd2_v, tmp_path, capsys):
     assert read_embedding(out)[1]["modelspec.architecture"] == "stable-diffusion-v2-768-v/textual-inversion"
 
 
-def test_mistakes_say_what_to_change(tiny_eps, tmp_path):
+def test_mistakes_say_what_to_change(tiny_eps, tmp_path, capsys):
     with pytest.raises(RecipeError, match=r"lora.rank: train.method: textual_inversion trains only the new token"):
         recipe_from_dict({"train": {"method": "textual_inversion"}, "lora": {"rank": 8}})
+    with pytest.raises(RecipeError, match=r"train.text_encoder_steps is for a trained text encoder; .* remove it"):
+        recipe_from_dict({"train": {"method": "textual_inversion", "text_encoder_steps": 10}})
     with pytest.raises(RecipeError, match=r"embedding.vectors is a textual-inversion setting; set train.method"):
         recipe_from_dict({"embedding": {"vectors": 4}})
     with pytest.raises(RecipeError, match="one word without spaces"):
@@ -253,6 +255,11 @@ def test_mistakes_say_what_to_change(tiny_eps, tmp_path):
     data = _data(tmp_path, caption="a photo of {}")
     with pytest.raises(DataError, match=r"embedding.token 'zwx' is in none of the 4 training captions.*data.sources\[\]\.prefix"):
         train(load_recipe(RECIPE, _sets(tiny_eps, data, tmp_path / "a")))
+    from sdtune.cli import main  # the same mistake on the command line: one paragraph, exit status 2
+
+    assert main(["train", "--recipe", str(RECIPE), *[a for s in _sets(tiny_eps, data, tmp_path / "a2") for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert "sdtune: error: embedding.token 'zwx' is in none" in err and "Traceback" not in err
     data = _data(tmp_path / "x", caption="a photo of dog")
     with pytest.raises(RecipeError, match=r"embedding.token 'dog' is already a word of the tokenizer's vocabulary \('dog</w>'\)"):
         train(load_recipe(RECIPE, _sets(tiny_eps, data, tmp_path / "b", "embedding.token=dog")))

@@ -60,6 +60,10 @@ def check_embedding(recipe) -> None:
         names = ", ".join(f"lora.{name}" for name in _changed(recipe.lora))
         raise ValueError(f"{names}: train.method: textual_inversion trains only the new token's vectors, with the UNet "
                          "and text encoder frozen, so LoRA settings have no effect; remove them (or use train.method: lora)")
+    for name in ("text_encoder_learning_rate", "text_encoder_steps"):
+        if getattr(recipe.train, name) is not None:
+            raise ValueError(f"train.{name} is for a trained text encoder; train.method: textual_inversion trains only the "
+                             "new token's vectors, at train.learning_rate for train.max_steps: remove it")
     if recipe.train.full_text_encoder:
         raise ValueError("train.full_text_encoder trains every text-encoder weight; train.method: textual_inversion "
                          "trains only the new token's vectors: remove it")
