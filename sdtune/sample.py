@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise ValueError("--compare alone compares the LoRAs off and on; add --lora FILE, or name a base model: --compare BASE")
     model = models[0]
     for path, token in map(parse_embedding_arg, args.embedding):
-        model.embeddings.append((load_into_pipeline(model.pipe, path, token), file_sha256(Path(path))[:12]))
+        model.embeddings.append((load_into_pipeline(model.pipe, path, token, args.allow_pickle), file_sha256(Path(path))[:12]))
         print(f"sdtune: embedding {path} as {model.embeddings[-1][0]!r}")
     _report_flags(model)
     seed = args.seed if args.seed >= 0 else random.randrange(2**32)

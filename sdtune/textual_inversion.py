@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from sdtune import atomic
-from sdtune.errors import DataError, RecipeError
+from sdtune.errors import DataError, ModelFileError, RecipeError
 from sdtune.export.metadata import MODELSPEC_ARCHITECTURE, MODELSPEC_PREDICTION, SDXL
+from sdtune.weight_files import is_pickle, read_weights
 
 
 class NewTokenRows(torch.nn.Module):
@@ -183,19 +183,28 @@ def save_embedding(path: Path, text_encoder, text_encoder_2, parts, spec, steps:
     return atomic.save_safetensors(tensors, path, metadata)
 
 
-def read_embedding(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """An embedding file's tensors and metadata."""
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+def read_embedding(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An embedding file's tensors and metadata; with ``allow_pickle`` also A1111's ``.pt``
+    (its ``string_to_param`` vectors, read with ``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if path.is_file() and is_pickle(path) and allow_pickle:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            (vectors,) = data["string_to_param"].values()
+        except Exception as exc:  # any reason the file is not an A1111 embedding of tensors
+            raise ModelFileError(f"{path} is not an A1111 embedding of tensors ({type(exc).__name__}: {str(exc)[:200]}); "
+                                 "convert it to .safetensors with the tool that made it") from None
+        return {"emb_params": vectors}, {}
+    return read_weights(path, allow_pickle)
 
 
-def load_into_pipeline(pipe, path: str | Path, token: str | None = None) -> str:
+def load_into_pipeline(pipe, path: str | Path, token: str | None = None, allow_pickle: bool = False) -> str:
     """Add an embedding file to a diffusers pipeline under ``token`` (default: the file's
     stem, the word A1111 users type), through diffusers' ``load_textual_inversion``; SDXL
     files into both encoders. Returns the token."""
     path = Path(path)
     token = token or path.stem
-    tensors, _ = read_embedding(path)
+    tensors, _ = read_embedding(path, allow_pickle)
     if getattr(pipe, "text_encoder_2", None) is not None:
         if not {"clip_l", "clip_g"} <= tensors.keys():
             raise RecipeError(f"--embedding {path}: an SDXL model needs an SDXL embedding (clip_l and clip_g), "

@@ -344,3 +344,15 @@ def test_the_rows_start_from_the_init_tokens_and_pooling_stays_at_the_end_token(
             module.eos_token_id = 2
     assert load_into_pipeline(pipe, file) == "zwx"  # the file's stem
     assert {m.eos_token_id for m in pipe.text_encoder_2.modules() if "eos_token_id" in vars(m)} == {49407}
+
+
+def test_an_a1111_pt_embedding_is_read_only_when_pickles_are_allowed(tmp_path):
+    from sdtune.errors import ModelFileError
+
+    vectors = torch.randn(3, 32)
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "zqv", "step": 7,
+                "sd_checkpoint": "0123456789", "sd_checkpoint_name": "base"}, tmp_path / "zqv.pt")  # as A1111 saves one
+    with pytest.raises(ModelFileError, match="is a pickle: .*--allow-pickle"):
+        read_embedding(tmp_path / "zqv.pt")
+    tensors, _ = read_embedding(tmp_path / "zqv.pt", allow_pickle=True)
+    assert list(tensors) == ["emb_params"] and torch.equal(tensors["emb_params"], vectors)
