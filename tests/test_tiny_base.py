@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -178,3 +179,28 @@ def test_random_init_needs_a_full_fine_tune():
 
     with pytest.raises(RecipeError, match="model.init: random .* needs train.method: full"):
         load_recipe(ROOT / "recipes/tiny_demo.yaml", ["model.init=random"])
+
+
+def test_shape_weighting_counts_the_shapes_pixels_more(images):
+    """The VAE's second stage: the pixels that stand out from the border colour (the shape)
+    are found exactly, and weigh 1 + shape_weight times in the reconstruction loss."""
+    from sdtune.vae_training import shape_pixels, to_model_range, vae_loss
+
+    scene = world.Scene(kind="square", colour="red", position="center", background="blue", size=0.4, caption="")
+    picture = to_model_range(torch.from_numpy(np.asarray(world.render(scene)).copy()).permute(2, 0, 1)[None])
+    found = shape_pixels(picture)[0, 0]
+    differs = (picture[0] - picture[0, :, 0, 0, None, None]).abs().sum(0) > 0.3
+    assert torch.equal(found.bool(), differs) and 0.02 < found.mean() < 0.5
+
+    torch.manual_seed(0)
+    vae = tiny_base_vae()
+    pixels = to_model_range(images[:4])
+    _, plain, _ = vae_loss(vae, pixels, 1e-4, torch.Generator().manual_seed(0))
+    _, weighted, _ = vae_loss(vae, pixels, 1e-4, torch.Generator().manual_seed(0), shape_weight=4.0)
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        error = (vae.decode(posterior.sample(torch.Generator().manual_seed(0))).sample - pixels).abs()
+    weights = 1 + 4.0 * shape_pixels(pixels)
+    assert plain.item() == pytest.approx(error.mean().item(), rel=1e-5)
+    assert weighted.item() == pytest.approx(((error * weights).sum() / (weights.sum() * 3)).item(), rel=1e-5)
+    assert weighted.item() != pytest.approx(plain.item(), rel=1e-3)
