@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout,
 import torch
 import torch.nn.functional as F
 
+import sdtune.loop
 import sdtune.train
 from sdtune import atomic
 from sdtune.data.cache import fill_caches
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         with (mock.patch.object(sdtune.train, "make_optimizer", timed_optimizer),
               mock.patch.object(sdtune.train, "fill_caches", timed_fill),
-              mock.patch.object(sdtune.train, "denoising_loss", shape_recorder),
+              mock.patch.object(sdtune.loop, "denoising_loss", shape_recorder),
               contextlib.redirect_stdout(sys.stderr)):  # stdout holds the JSON alone
             result = sdtune.train.train(recipe)
 
