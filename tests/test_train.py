@@ -339,13 +339,13 @@ def loss_inputs(monkeypatch):
     seen, optimizers = [], []
     real_loss, real_optimizer = loop.denoising_loss, trainer.make_optimizer
 
-    def record(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise=None):
+    def record(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise=None, **kwargs):
         seen.append({
             "conditioning": conditioning.detach().clone(), "noise": noise.detach().clone(), "timesteps": timesteps.clone(),
             "objective": objective, "input_noise": None if input_noise is None else input_noise.detach().clone(),
             "lr": optimizers[-1].param_groups[0]["lr"],
         })
-        return real_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise)
+        return real_loss(unet, scheduler, latents, conditioning, noise, timesteps, objective, input_noise, **kwargs)
 
     def make_optimizer(*args, **kwargs):
         optimizers.append(real_optimizer(*args, **kwargs))
