@@ -315,10 +315,11 @@ def cache_masks(
         key = _key(*mask_key_parts(item, mode, source, scale))
         path = entry_path(cache_dir, "masks", key)
         paths.append(path)
-        if key in seen or len(seen) % world != rank:
-            seen.add(key)
+        if key in seen:
             continue
         seen.add(key)
+        if (len(seen) - 1) % world != rank:  # each distinct entry belongs to one process, as in cache_latents
+            continue
         width, height = item.crop.bucket
         if path.is_file() and _sound(path, {"mask": (1, height // scale, width // scale)}, stats):
             continue
