@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sdtune.atomic import write_text
-from sdtune.data.sources import IMAGE_SUFFIXES, Source, resolve_kind
+from sdtune.data.sources import Source, image_files, resolve_kind
 from sdtune.errors import DataError
 
 SAMPLER, STEPS, CFG = "dpmpp_2m", 25, 7.0  # a deterministic sampler at settings that suit SD 1/2 bases
@@ -29,10 +29,6 @@ def class_image_seed(seed: int, prompt: str, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{prompt}:{index}".encode(), digest_size=4).digest(), "little") >> 1
 
 
-def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) if folder.is_dir() else []
-
-
 def generate_class_images(folder: Path, prompt: str, count: int, size: int, seed: int, model_path: str, allow_pickle: bool) -> int:
     """Fill ``folder`` up to ``count`` images of ``prompt`` (``size`` px squares); returns how many were drawn."""
     from sdtune.pipeline import load_pipeline  # diffusers' pipeline: imported only when images are drawn
@@ -41,7 +37,7 @@ def generate_class_images(folder: Path, prompt: str, count: int, size: int, seed
     from sdtune.samplers import default_cfg_rescale
 
     folder = Path(folder)
-    missing = count - len(images_in(folder))
+    missing = count - len(image_files(folder))
     if missing <= 0:
         return 0
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +57,7 @@ def fill_class_folders(sources, model_path: str, allow_pickle: bool, size: int, 
     """Before the scan: draw the class images that data.sources ask for (``class_prompt``,
     ``num_class_images``) and their folders lack, on the main process while the others wait."""
     wanted = [s for s in sources if s.class_images and s.num_class_images]
-    if wanted and any(len(images_in(Path(s.path))) < s.num_class_images for s in wanted):
+    if wanted and any(len(image_files(Path(s.path))) < s.num_class_images for s in wanted):
         # Mistakes that would stop the run after the drawing stop it before: a missing instance folder or base model.
         for i, source in enumerate(sources):
             if not source.class_images:

@@ -132,10 +132,15 @@ def caption_from_filename(path: Path) -> str:
     return re.sub(r"[_\-]+", " ", path.stem).strip()
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files anywhere under ``folder``, sorted; none when it is not a folder."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) if folder.is_dir() else []
+
+
 def _images_under(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"data source {folder} is not a folder of captioned images")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = image_files(folder)
     if not images:
         raise DataError(f"data source {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
