@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -30,7 +31,6 @@ def _adapted(reduced_v1, kind: str):
     randomised (peft starts the update at zero, and DoRA's magnitude at the weight norm)."""
     algorithm, use_dora = KINDS[kind]
     unet, text_encoder = copy.deepcopy(reduced_v1[0]), copy.deepcopy(reduced_v1[1])
-    base = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     add_lora(unet, 4, 3.0, 0.0, UNET_PRESETS["locon"], conv_rank=2, conv_alpha=5.0, algorithm=algorithm, use_dora=use_dora)
     add_lora(text_encoder, 4, 3.0, 0.0, TE_TARGETS, algorithm=algorithm, use_dora=use_dora)
     gen = torch.Generator().manual_seed(0)
@@ -41,7 +41,7 @@ def _adapted(reduced_v1, kind: str):
                     param.mul_(1 + 0.2 * torch.rand(param.shape, generator=gen))
                 elif param.requires_grad:
                     param.copy_(torch.randn(param.shape, generator=gen) * (0.3 if kind == "loha" else 0.1))
-    return unet, text_encoder, base
+    return unet, text_encoder
 
 
 def _peft_merged(model) -> dict[str, torch.Tensor]:
@@ -58,23 +58,51 @@ def _layers(unet, text_encoder):
     return [("lora_unet_", unet, p) for p in lora_layers(unet)] + [("lora_te_", text_encoder, p) for p in lora_layers(text_encoder)]
 
 
+@dataclass(frozen=True)
+class Adapted:
+    unet: torch.nn.Module  # with the adapter; read, never changed, by the tests
+    text_encoder: torch.nn.Module
+    tensors: dict[str, torch.Tensor]  # its kohya/LyCORIS file, fp32
+    originals: dict[str, torch.Tensor]  # each adapted layer's base weight, by kohya name
+    merged: dict[str, torch.Tensor]  # the same layers as peft merges them, by kohya name
+
+
+@pytest.fixture(scope="module")
+def adapted(reduced_v1):
+    """``adapted(kind)``: the adapted models, their file and peft's merge, made once per kind
+    (the merge of ~350 layers is most of each test's time) and shared by the tests that read them."""
+    made = {}
+
+    def get(kind: str) -> Adapted:
+        if kind not in made:
+            unet, text_encoder = _adapted(reduced_v1, kind)
+            layers = _layers(unet, text_encoder)
+            originals = {kohya_name(prefix, path): model.get_submodule(path).get_base_layer().weight.detach().clone()
+                         for prefix, model, path in layers}
+            merged = {kohya_name("lora_unet_", p): w for p, w in _peft_merged(unet).items()} | {
+                kohya_name("lora_te_", p): w for p, w in _peft_merged(text_encoder).items()}
+            tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
+            made[kind] = Adapted(unet, text_encoder, tensors, originals, merged)
+        return made[kind]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_our_merge_of_the_file_equals_peft_per_layer(reduced_v1, kind):
-    unet, text_encoder, (base_unet, base_te) = _adapted(reduced_v1, kind)
-    tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
+def test_our_merge_of_the_file_equals_peft_per_layer(reduced_v1, adapted, kind):
+    made = adapted(kind)
+    tensors = made.tensors
     suffixes = {key.split(".", 1)[1] for key in tensors}
     assert suffixes == {
         "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
         "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
         "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},  # w2 full where rank >= half its size
     }[kind]
-    originals = {kohya_name(prefix, path): model.get_submodule(path).get_base_layer().weight.detach().clone()
-                 for prefix, model, path in _layers(unet, text_encoder)}
+    base_unet, base_te = copy.deepcopy(reduced_v1[0]), copy.deepcopy(reduced_v1[1])
     merge_lora(tensors, base_unet, base_te)
-    theirs = {kohya_name("lora_unet_", p): w for p, w in _peft_merged(unet).items()} | {
-        kohya_name("lora_te_", p): w for p, w in _peft_merged(text_encoder).items()}
     ours = {kohya_name(prefix, path): (base_unet if prefix == "lora_unet_" else base_te).get_submodule(path).weight
-            for prefix, _, path in _layers(unet, text_encoder)}
+            for prefix, _, path in _layers(made.unet, made.text_encoder)}
+    theirs, originals = made.merged, made.originals
     assert ours.keys() == theirs.keys() == originals.keys() and len(ours) > 100
     convs = [n for n, w in ours.items() if w.ndim == 4 and w.shape[2:] == (3, 3)]
     assert convs  # 3x3 convolutions (LoCon) are among the compared layers
@@ -134,13 +162,9 @@ def comfyui_weight(lora: dict[str, torch.Tensor], name: str, weight: torch.Tenso
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_comfyui_rules_read_the_file_as_peft_merged_it(reduced_v1, kind):
-    unet, text_encoder, _ = _adapted(reduced_v1, kind)
-    tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
-    originals = {kohya_name(prefix, path): model.get_submodule(path).get_base_layer().weight.detach().clone()
-                 for prefix, model, path in _layers(unet, text_encoder)}
-    theirs = {kohya_name("lora_unet_", p): w for p, w in _peft_merged(unet).items()} | {
-        kohya_name("lora_te_", p): w for p, w in _peft_merged(text_encoder).items()}
+def test_comfyui_rules_read_the_file_as_peft_merged_it(adapted, kind):
+    made = adapted(kind)
+    tensors, originals, theirs = made.tensors, made.originals, made.merged
     for name, original in originals.items():
         tolerance = 1e-5 * max(1.0, (theirs[name] - original).abs().max().item())
         comfy = comfyui_weight(tensors, name, original, norm_of_adapted=kind == "dora")
@@ -177,14 +201,13 @@ def a1111_updown(lora: dict[str, torch.Tensor], name: str, weight: torch.Tensor)
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
-def test_a1111_rules_read_loha_and_lokr_as_peft_merged_them(reduced_v1, kind):
-    unet, text_encoder, _ = _adapted(reduced_v1, kind)
-    tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
-    theirs = {kohya_name("lora_unet_", p): (unet.get_submodule(p).get_base_layer().weight.detach().clone(), w)
-              for p, w in _peft_merged(unet).items()}
-    for name, (original, merged) in theirs.items():
-        delta = merged - original
-        assert (a1111_updown(tensors, name, original) - delta).abs().max() <= 1e-5 * max(1.0, delta.abs().max().item()), name
+def test_a1111_rules_read_loha_and_lokr_as_peft_merged_them(adapted, kind):
+    made = adapted(kind)
+    unet_layers = [name for name in made.merged if name.startswith("lora_unet_")]
+    assert len(unet_layers) > 100
+    for name in unet_layers:
+        original, delta = made.originals[name], made.merged[name] - made.originals[name]
+        assert (a1111_updown(made.tensors, name, original) - delta).abs().max() <= 1e-5 * max(1.0, delta.abs().max().item()), name
 
 
 def _lora_part(tensors, name, original):
@@ -227,12 +250,12 @@ def test_lora_only_settings_with_lycoris_are_one_paragraph_errors(setting, algor
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_inspect_reads_the_file(reduced_v1, kind, tmp_path):
+def test_inspect_reads_the_file(adapted, kind, tmp_path):
     from safetensors.torch import save_file
 
     from sdtune.export.inspect import inspect_file, zero_update_layers
 
-    unet, text_encoder, _ = _adapted(reduced_v1, kind)
+    unet, text_encoder = adapted(kind).unet, adapted(kind).text_encoder
     tensors = kohya_state_dict(unet, text_encoder, torch.float16, base_model_version="sd_v1")
     save_file(tensors, tmp_path / "x.safetensors", {"ss_v2": "False", "ss_base_model_version": "sd_v1"})
     report = inspect_file(tmp_path / "x.safetensors")
@@ -283,24 +306,26 @@ def test_a_run_saves_resumes_and_exports_bit_exact(kind, tiny_v, small_dataset, 
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_sample_reads_the_file_and_a_weight_scales_the_change(reduced_v1, kind, tmp_path):
+def test_sample_reads_the_file_and_a_weight_scales_the_change(reduced_v1, adapted, kind, tmp_path):
     """`sdtune sample --lora` takes the file; at weight 0.5 a layer moves half way to peft's merged
     weight (the UIs' strength: W + m * (W' - W), for DoRA too)."""
     from safetensors.torch import save_file
 
     from sdtune.pipeline import read_lora_file
 
-    unet, text_encoder, (base_unet, base_te) = _adapted(reduced_v1, kind)
-    tensors = kohya_state_dict(unet, text_encoder, torch.float32, base_model_version="sd_v1")
+    made = adapted(kind)
+    tensors = made.tensors
     save_file(tensors, tmp_path / "x.safetensors", {"ss_v2": "False"})
     assert read_lora_file(tmp_path / "x.safetensors").tensors.keys() == tensors.keys()
     save_file(tensors | {"lora_unet_conv_in.lora_mid.weight": torch.zeros(1)}, tmp_path / "tucker.safetensors")
     with pytest.raises(ValueError, match="lora_mid"):
         read_lora_file(tmp_path / "tucker.safetensors")
-    originals = {path: unet.get_submodule(path).get_base_layer().weight.detach().clone() for path in lora_layers(unet)}
+    base_unet, base_te = copy.deepcopy(reduced_v1[0]), copy.deepcopy(reduced_v1[1])
     merge_lora(tensors, base_unet, base_te, multiplier=0.5)
-    for path, merged in _peft_merged(unet).items():
-        expected = originals[path] + 0.5 * (merged - originals[path])
+    for path in lora_layers(made.unet):
+        name = kohya_name("lora_unet_", path)
+        original, merged = made.originals[name], made.merged[name]
+        expected = original + 0.5 * (merged - original)
         assert (base_unet.get_submodule(path).weight - expected).abs().max() <= 1e-5 * max(1.0, merged.abs().max().item()), path
 
 
