@@ -8,11 +8,13 @@ while peft injects the same layers into any ``nn.Module`` with no gate.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lycoris_utils import LycorisLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTER = "default"
 
@@ -86,3 +88,21 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer | LycorisLayer]:
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextmanager
+def adapters_off(*models):
+    """The peft adapters of ``models`` (None skipped) switched off, so they run as the base
+    model, and back on after; each parameter's ``requires_grad`` is as it was (peft's switch
+    sets it)."""
+    layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(param, param.requires_grad) for layer in layers for param in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in flags:
+            param.requires_grad_(flag)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from sdtune import atomic, grid, training_state
+from sdtune.adapters import adapters_off
 from sdtune.data.cache import CachedDataset
 from sdtune.diffusion import denoising_loss
 from sdtune.conditioning import text_part, unet_conditioning
@@ -49,11 +50,12 @@ def validation_loss(
 
 def preview_grid(
     parts, unet, text_encoder, sampler, prompts: list[str], steps: int, cfg: float, cfg_rescale: float, seed: int,
-    size: int, device: torch.device, autocast, ema=None, params=None,
+    size: int, device: torch.device, autocast, ema=None, params=None, base_row: bool = False,
 ) -> Image.Image:
     """One row of ``prompts`` drawn with ``sampler`` (a second row with the EMA
     weights when ``ema`` is given), every image from ``seed`` so grids compare
-    across steps. The VAE and text encoder(s) come to ``device`` and go back."""
+    across steps. ``base_row``: first a row with the LoRA switched off, the base
+    model, for the same seeds. The VAE and text encoder(s) come to ``device`` and go back."""
     rng = training_state.rng_states()
     homes = {module: next(module.parameters()).device for module in (parts.vae, text_encoder)}
     pipe = preview_pipeline(parts, unet, text_encoder.to(device), parts.vae.to(device))
@@ -65,17 +67,24 @@ def preview_grid(
 
     was_training = unet.training
     unet.eval()
-    rows = [row()]
+    rows, labels = [], []
+    if base_row:
+        with adapters_off(unet, text_encoder):
+            rows.append(row())
+        labels.append("base")
+    rows.append(row())
+    labels.append("LoRA" if base_row else "raw")
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
         rows.append(row())
         ema.restore(params)
+        labels.append("EMA")
     unet.train(was_training)
     for module, home in homes.items():
         module.to(home)
     training_state.restore_rng(rng)
-    return grid.draw_grid(rows, prompts, ["raw", "EMA"] if ema is not None else [])
+    return grid.draw_grid(rows, prompts, labels if len(rows) > 1 else [])
 
 
 def preview_pipeline(parts, unet, text_encoder, vae):

@@ -201,7 +201,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             if preview.prompts and accelerator.is_main_process and (step % preview.every_steps == 0 or step == opt.max_steps):
                 image = preview_grid(parts, models["unet"], models.get("text_encoder", text_encoder), make_sampler(preview.sampler, preview_schedule),
                                      preview.prompts, preview.steps, preview.cfg, cfg_rescale, preview.seed,
-                                     preview.size or data.resolution, device, accelerator.autocast, ema, params)
+                                     preview.size or data.resolution, device, accelerator.autocast, ema, params,
+                                     base_row=preview.base_row and opt.method == "lora")
                 history["previews"].append((step, str(save_preview(image, folder, step, accelerator.trackers))))
             due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
                 ckpt.every_epochs and batch_in_epoch == len(loader) and (epoch + 1) % ckpt.every_epochs == 0)

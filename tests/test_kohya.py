@@ -158,3 +158,27 @@ def test_partial_sd2_lora_is_not_exported():
     add_lora(text_encoder, rank=2, alpha=2.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
     with pytest.raises(ValueError, match="A1111 would apply none of them"):
         kohya_state_dict(unet, text_encoder, base_model_version="sd_v2")
+
+
+def test_adapters_off_runs_the_base_model_and_restores_the_adapters(reduced):
+    """What the previews' base row draws with: inside, the adapted text encoder computes exactly
+    what the base does; after, the LoRA again, with each parameter's requires_grad as it was."""
+    from sdtune.adapters import adapters_off
+
+    _, _, _, text_encoder = reduced
+    base, adapted = copy.deepcopy(text_encoder), copy.deepcopy(text_encoder)
+    add_lora(adapted, rank=4, alpha=3.0, dropout=0.0, target_modules=TE_TARGETS)
+    layers = list(lora_layers(adapted).values())
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    layers[0].lora_A["default"].weight.requires_grad_(False)  # e.g. a part frozen on purpose
+    flags = {name: p.requires_grad for name, p in adapted.named_parameters()}
+    ids = torch.tensor([[49406, 320, 1929, 49407]])
+    with torch.no_grad():
+        plain, lora = base(ids).last_hidden_state, adapted(ids).last_hidden_state
+        assert not torch.equal(plain, lora)
+        with adapters_off(adapted, None):
+            assert torch.equal(adapted(ids).last_hidden_state, plain)
+        assert torch.equal(adapted(ids).last_hidden_state, lora)
+    assert {name: p.requires_grad for name, p in adapted.named_parameters()} == flags

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -604,10 +605,14 @@ def test_previews_and_report_html(tiny_v, small_dataset, tmp_path):
     out = tmp_path / "out"
     grids = sorted((out / "previews" / "tiny-demo").glob("*.png"))
     assert [p.name for p in grids] == ["step-000002.png", "step-000004.png"]
-    with Image.open(grids[-1]) as grid:
-        width, height = grid.size
-    # Two 64 px columns (one per prompt) after the row-label strip; two rows (raw, EMA) under the prompt strip.
-    assert 2 * 64 < width <= 2 * 64 + 2 * 64 and 2 * 64 < height < 2 * 64 + 64
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in grids]
+    height, width = images[-1].shape[:2]
+    # Two 64 px columns (one per prompt) after the row-label strip; three rows (base, LoRA, EMA) under the prompt strip.
+    assert 2 * 64 < width <= 2 * 64 + 2 * 64 and 3 * 64 < height < 3 * 64 + 64
+    base_row, lora_row = (slice(height - 3 * 64, height - 2 * 64), -2 * 64), (slice(height - 2 * 64, height - 64), -2 * 64)
+    # The base row is the model with the LoRA off: the same at every step, while the LoRA's row moves.
+    assert np.array_equal(images[0][base_row[0], base_row[1]:], images[1][base_row[0], base_row[1]:])
+    assert not np.array_equal(images[0][lora_row[0], lora_row[1]:], images[1][lora_row[0], lora_row[1]:])
     page = (out / "tiny-demo.report.html").read_text()
     assert page.count("<polyline") >= 4  # loss, lr, validation mean and per timestep
     assert "Training loss" in page and "Validation loss" in page and page.count("data:image/png;base64,") == 2

@@ -379,6 +379,9 @@ class PreviewSection(_Section):
     cfg_rescale: float | None = Field(None, ge=0, le=1, description="CFG rescale (Lin et al. 2023); null: 0.7 with zero terminal SNR, else 0.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every preview image, so grids compare across steps.")
     size: int | None = Field(None, ge=64, le=MAX_RESOLUTION, description="Preview side in pixels (a multiple of 8); null: data.resolution.")
+    base_row: bool = Field(
+        True, description="LoRA runs: a first row drawn with the LoRA switched off (the base model), so each grid compares base and LoRA for the same seeds."
+    )
 
     @field_validator("size")
     @classmethod
