@@ -32,8 +32,11 @@ class DDPMMeanScheduler(DDPMScheduler):
 
     DDPM's reverse step is ``x_{t-1} = mu_t(x_t, x0_hat) + sigma_t * z``. Leaving out
     ``sigma_t * z`` looks harmless but is not: each step then lands on the mean of
-    what the model believes, the errors never get re-randomised, and the samples
-    collapse toward a blurry average; the contrast is the point of the switch.
+    what the model believes and the samples collapse toward the conditional mean.
+    With zero terminal SNR it is total: the first step's mean weighs ``x_T`` by
+    ``sqrt(alpha_T) = 0``, so the seed reaches the image only through the model's
+    estimate of ``x0`` from pure noise, which training makes the same for every
+    noise: every seed draws the same picture (docs/tiny_base.md measures it).
 
     This is DDPMScheduler's own step with its variance ``sigma_t^2`` read as 0, so
     ``mu_t`` is diffusers' and nothing is re-derived; its last step lands on

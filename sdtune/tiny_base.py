@@ -175,11 +175,12 @@ DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny_demo.yaml"
 TRIGGER_PROMPTS = [f"a {world.TRIGGER} circle in the center", f"{world.TRIGGER} square, top left"]
 
 
-def train_trigger_lora(base: str | Path, work: str | Path, steps: int = 300, images: int = 64, seed: int = 0,
+def train_trigger_lora(base: str | Path, work: str | Path, steps: int | None = None, images: int = 64, seed: int = 0,
                        overrides: list[str] | None = None) -> Path:
-    """The LoRA demo on a trained base: the demo recipe (recipes/tiny_demo.yaml) on
-    ``world.trigger_scenes``, which teach the trigger word for the one shape/background
-    pair the base never saw (``world.HELD_OUT``). Returns the kohya LoRA file."""
+    """The LoRA demo on a trained base: the demo recipe (recipes/tiny_demo.yaml, its own
+    steps unless ``steps`` is given) on ``world.trigger_scenes``, which teach the trigger word
+    for the one shape/background pair the base never saw (``world.HELD_OUT``). Returns the
+    kohya LoRA file."""
     from sdtune.recipe import load_recipe
     from sdtune.train import train
 
@@ -189,8 +190,8 @@ def train_trigger_lora(base: str | Path, work: str | Path, steps: int = 300, ima
         world.write_dataset(data, world.trigger_scenes(images, seed))
     recipe = load_recipe(DEMO_RECIPE, [
         f"model.path={base}", f"data.path={data}", f"output.dir={work}", f"output.name=tiny-base-{world.TRIGGER}",
-        f"data.cache_dir={work / 'cache'}", f"train.max_steps={steps}", f"train.seed={seed}",
-        f"preview.prompts={json.dumps(TRIGGER_PROMPTS)}", f"preview.every_steps={max(1, steps // 3)}",
+        f"data.cache_dir={work / 'cache'}", f"train.seed={seed}", f"preview.prompts={json.dumps(TRIGGER_PROMPTS)}",
+        *([f"train.max_steps={steps}", f"preview.every_steps={max(1, steps // 3)}"] if steps else []),
         *(overrides or []),
     ])
     return train(recipe).output

@@ -21,7 +21,7 @@ PROMPT_SEED = 999  # prompts from a generator seed the base never trained on (it
 SEEDS = list(range(16))
 
 
-def test_scenes(count: int = len(SEEDS)) -> list[world.Scene]:
+def prompt_scenes(count: int = len(SEEDS)) -> list[world.Scene]:
     """Scenes whose captions are the prompts: the dataset's grammar, new combinations."""
     return world.scenes(count, PROMPT_SEED)
 
@@ -45,6 +45,13 @@ def contrast(images: list[Image.Image]) -> float:
     """Mean over images of the per-pixel standard deviation (0-255): how far an image is from
     one flat colour. A collapsed sample is a blurry mean, near flat."""
     return float(np.mean([np.asarray(im, dtype=np.float64).reshape(-1, 3).std(0).mean() for im in images]))
+
+
+def spread(images: list[Image.Image]) -> float:
+    """Per-pixel standard deviation across images, averaged (0-255): for one prompt drawn from
+    many seeds, how much the seeds change the picture. A sampler that collapses to the
+    conditional mean draws the same picture whatever the seed: 0."""
+    return float(np.stack([np.asarray(im, dtype=np.float64) for im in images]).std(0).mean())
 
 
 def trigger_prompts() -> list[str]:
@@ -85,7 +92,7 @@ def darkness(images: list[Image.Image]) -> dict[str, float]:
 
 
 def main(model_path: Path = SHIPPED_BASE) -> None:
-    scenes = test_scenes()
+    scenes = prompt_scenes()
     model = load_pipeline(model_path, device=torch.device("cpu"))
     prompts = [s.caption for s in scenes]
     print("base, euler_a:", judged(draw(model, prompts, SEEDS), scenes))
@@ -94,6 +101,10 @@ def main(model_path: Path = SHIPPED_BASE) -> None:
     mean = draw(model, prompts, SEEDS, sampler="ddpm", steps=50, ddpm_noise=False)
     print("ddpm:", judged(noisy, scenes), "contrast", contrast(noisy))
     print("ddpm --ddpm-no-noise:", judged(mean, scenes), "contrast", contrast(mean))
+    one = [prompts[0]] * len(SEEDS)
+    print(f"one prompt, {len(SEEDS)} seeds, spread across seeds: ddpm",
+          spread(draw(model, one, SEEDS, sampler="ddpm", steps=50)), "--ddpm-no-noise",
+          spread(draw(model, one, SEEDS, sampler="ddpm", steps=50, ddpm_noise=False)))
     lora_file = model_path.with_name(f"{model_path.name}-{world.TRIGGER}.safetensors")
     if lora_file.is_file():
         prompts, scenes = trigger_prompts(), [{"colour": world.HELD_OUT[0], "background": world.HELD_OUT[1]}] * len(SEEDS)
