@@ -34,6 +34,8 @@ def test_launch_sh_runs_the_demo(tmp_path):
     assert not noise, noise[:5]
     tensors, metadata = read_lora(out)
     assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_steps"] == "200"
+    # On the shipped trained base, from the trigger word's generated set.
+    assert metadata["ss_sd_model_name"] == "tiny-base" and (ROOT / "datasets" / "world-zwx" / "world.json").is_file()
     assert any(k.endswith(".alpha") for k in tensors)
     assert load_recipe(tmp_path / "out" / "tiny-demo.recipe.yaml") == load_recipe(ROOT / "recipes/tiny_demo.yaml", overrides)
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))

@@ -28,10 +28,10 @@ from sdtune.recipe.lora import LoraSection
 
 class ModelSection(_Section):
     path: str = Field(
-        "models/tiny-demo",
+        "models/tiny-base",
         description="Base model: a diffusers folder (model_index.json inside) or a single-file "
-        "SD 1.x/2.x `.safetensors` checkpoint (LDM layout, as ComfyUI/A1111 use). "
-        "`sdtune make-tiny DIR` builds a tiny random one for trying things out.",
+        "SD 1.x/2.x `.safetensors` checkpoint (LDM layout, as ComfyUI/A1111 use). The default is "
+        "the shipped tiny base that draws the sample's world; `sdtune make-tiny DIR` builds a tiny random one.",
     )
     allow_pickle: bool = Field(
         False,
