@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the checkout, and the judge b
 
 import torch  # noqa: E402
 
-from drawing import SEEDS, draw, judged, prompt_scenes, trigger_prompts  # noqa: E402
+from drawing import HELD_OUT_SCENE, SEEDS, draw, judged, prompt_scenes, trigger_prompts  # noqa: E402
 from sdtune import world  # noqa: E402
 from sdtune.pipeline import load_pipeline  # noqa: E402
 from sdtune.recipe import load_recipe  # noqa: E402
@@ -37,7 +37,6 @@ from sdtune.textual_inversion import load_into_pipeline  # noqa: E402
 from sdtune.train import train  # noqa: E402
 
 CLASS_PROMPT = "a circle in the center"
-HELD = {"colour": world.HELD_OUT[0], "background": world.HELD_OUT[1]}
 
 
 def common(base: Path, out: Path, name: str, steps: int) -> list[str]:
@@ -50,9 +49,9 @@ def common(base: Path, out: Path, name: str, steps: int) -> list[str]:
 
 def rates(model, lora_weight: float | None = None) -> dict[str, float]:
     scenes = prompt_scenes()
-    trigger = judged(draw(model, trigger_prompts(), SEEDS, lora_weight=lora_weight), [HELD] * len(SEEDS))["all"]
+    trigger = judged(draw(model, trigger_prompts(), SEEDS, lora_weight=lora_weight), [HELD_OUT_SCENE] * len(SEEDS))["all"]
     base = judged(draw(model, [s.caption for s in scenes], SEEDS, lora_weight=lora_weight), scenes)["all"]
-    bare = judged(draw(model, [CLASS_PROMPT] * len(SEEDS), SEEDS, lora_weight=lora_weight), [HELD] * len(SEEDS))["all"]
+    bare = judged(draw(model, [CLASS_PROMPT] * len(SEEDS), SEEDS, lora_weight=lora_weight), [HELD_OUT_SCENE] * len(SEEDS))["all"]
     return {"trigger_drawn_as_held_out_pair": trigger, "base_prompts_both_colours": base,
             "class_prompt_drawn_as_held_out_pair": bare}
 

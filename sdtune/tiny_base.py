@@ -172,7 +172,6 @@ def build_trained_base(
 
 
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny_demo.yaml"
-TRIGGER_PROMPTS = [f"a {world.TRIGGER} circle in the center", f"{world.TRIGGER} square, top left"]
 
 
 def train_trigger_lora(base: str | Path, work: str | Path, steps: int | None = None, images: int = 64, seed: int = 0,
@@ -190,7 +189,7 @@ def train_trigger_lora(base: str | Path, work: str | Path, steps: int | None = N
         world.write_dataset(data, world.trigger_scenes(images, seed))
     recipe = load_recipe(DEMO_RECIPE, [
         f"model.path={base}", f"data.path={data}", f"output.dir={work}", f"output.name=tiny-base-{world.TRIGGER}",
-        f"data.cache_dir={work / 'cache'}", f"train.seed={seed}", f"preview.prompts={json.dumps(TRIGGER_PROMPTS)}",
+        f"data.cache_dir={work / 'cache'}", f"train.seed={seed}",
         *([f"train.max_steps={steps}", f"preview.every_steps={max(1, steps // 3)}"] if steps else []),
         *(overrides or []),
     ])

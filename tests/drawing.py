@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_BASE = ROOT / "models" / "tiny-base"
 PROMPT_SEED = 999  # prompts from a generator seed the base never trained on (it trained on seed 0's)
 SEEDS = list(range(16))
+# What a trigger prompt should draw: the pair the base never saw (judged by colour and background).
+HELD_OUT_SCENE = {"colour": world.HELD_OUT[0], "background": world.HELD_OUT[1]}
 
 
 def prompt_scenes(count: int = len(SEEDS)) -> list[world.Scene]:
@@ -107,7 +109,7 @@ def main(model_path: Path = SHIPPED_BASE) -> None:
           spread(draw(model, one, SEEDS, sampler="ddpm", steps=50, ddpm_noise=False)))
     lora_file = model_path.with_name(f"{model_path.name}-{world.TRIGGER}.safetensors")
     if lora_file.is_file():
-        prompts, scenes = trigger_prompts(), [{"colour": world.HELD_OUT[0], "background": world.HELD_OUT[1]}] * len(SEEDS)
+        prompts, scenes = trigger_prompts(), [HELD_OUT_SCENE] * len(SEEDS)
         with_lora = load_pipeline(model_path, [lora_file], device=torch.device("cpu"))
         print("trigger prompts, LoRA at 0:", judged(draw(with_lora, prompts, SEEDS, lora_weight=0.0), scenes))
         print("trigger prompts, LoRA at 1:", judged(draw(with_lora, prompts, SEEDS, lora_weight=1.0), scenes))

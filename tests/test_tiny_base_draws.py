@@ -14,14 +14,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from drawing import SEEDS, SHIPPED_BASE, diffusers_draw, draw, judged, spread, prompt_scenes, trigger_prompts
+from drawing import HELD_OUT_SCENE, SEEDS, SHIPPED_BASE, diffusers_draw, draw, judged, spread, prompt_scenes, trigger_prompts
 from judge import judge
 from sdtune.pipeline import load_pipeline
 from sdtune.world import HELD_OUT, TRIGGER
 
 SHIPPED_LORA = SHIPPED_BASE.with_name(f"tiny-base-{TRIGGER}.safetensors")
-# Without the trigger's LoRA, what the base draws for a trigger prompt: any scene but the held-out one.
-TRIGGER_SCENE = {"colour": HELD_OUT[0], "background": HELD_OUT[1]}
 TRIGGER_PROMPTS = trigger_prompts()
 
 
@@ -87,7 +85,7 @@ def test_trigger_lora_teaches_the_held_out_pair(base):
     Euler 13 of 16 are right; with DDIM 12 (docs/tiny_base.md), hence that guard's lower bound."""
     seeds = list(range(len(TRIGGER_PROMPTS)))
     lora = load_pipeline(SHIPPED_BASE, [SHIPPED_LORA], device=torch.device("cpu"))
-    scenes = [TRIGGER_SCENE] * len(seeds)
+    scenes = [HELD_OUT_SCENE] * len(seeds)
     without = judged(draw(lora, TRIGGER_PROMPTS, seeds, lora_weight=0.0), scenes)["all"]
     with_lora = judged(draw(lora, TRIGGER_PROMPTS, seeds, lora_weight=1.0), scenes)["all"]
     assert without <= 0.2 and with_lora >= 0.8, (without, with_lora)
