@@ -1,6 +1,6 @@
 """How far today's ComfyUI DoRA rule is from what was trained, per output channel: ||W+dW|| / ||W||.
 
-    python benchmarks/dora_comfyui_ratio.py OUT_DIR     # after `bash launch.sh` built models/tiny-demo
+    python benchmarks/dora_comfyui_ratio.py OUT_DIR     # after `bash launch.sh` set up .venv
 
 Trains the demo recipe as a DoRA (200 steps) into OUT_DIR and prints the ratio's range over
 the UNet's adapted output channels (docs/recipes.md, "DoRA, LoHa, LoKr").
@@ -15,6 +15,7 @@ import torch
 
 from sdtune.export.kohya import addressable_layers, read_lora
 from sdtune.models import load_components
+from sdtune.recipe import load_recipe
 from sdtune.train import main
 
 out = sys.argv[1]
@@ -22,7 +23,8 @@ r = main(["--recipe", "recipes/tiny_demo.yaml", "--set", f"output.dir={out}", "-
           "--set", "train.max_steps=200", "--set", "preview.prompts=[]", "--set", "train.logger=none",
           "--set", "export.dtype=fp32", "--set", "validation.every_steps=1000", "--set", f"data.cache_dir={out}/cache"])
 tensors, _ = read_lora(r.output)
-parts = load_components("models/tiny-demo", "v_prediction", True, torch.float32)
+model = load_recipe(r.output.with_suffix(".recipe.yaml")).model  # the base the DoRA was trained on
+parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, torch.float32)
 layers = addressable_layers("lora_unet_", parts.unet)
 ratios = []
 for key in tensors:
