@@ -180,17 +180,20 @@ def describe_data(recipe: Recipe) -> None:
 
 def build_caches(recipe: Recipe) -> None:
     """What a run does before step 1, and no more: scan, then encode every missing
-    latent (and text-encoder output), each process of `accelerate launch` its share."""
+    latent (and text-encoder output), each process of `accelerate launch` its share.
+    DreamBooth class images a folder lacks are drawn first, as a run draws them."""
     import torch
     from accelerate import Accelerator
 
     from sdtune.data.cache import default_cache_dir, fill_caches
+    from sdtune.data.class_images import fill_class_folders
     from sdtune.data.plan import plan_data
     from sdtune.models import load_components
     from sdtune.tiny import clip_tokenizer
 
     model, data = recipe.model, recipe.data
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    fill_class_folders(data.sources, model.path, model.allow_pickle, data.resolution, recipe.train.seed, accelerator)
     plan = plan_data(data, recipe.train.seed, clip_tokenizer())
     parts = load_components(model.path, model.prediction_type, model.zero_terminal_snr, allow_pickle=model.allow_pickle)
     cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()

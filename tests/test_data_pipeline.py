@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,10 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdtune.data.cache import cache_latents, latent_key
+from sdtune.data.class_images import generate_class_images
 from sdtune.data.images import load_crop
 from sdtune.data.plan import BucketSpec, plan_dataset
 from sdtune.data.sources import Source
 from sdtune.cli import main as cli_main
+from sdtune.recipe import load_recipe
 from sdtune.train import main
 
 from conftest import ROOT, SAMPLE, cpu_processes
@@ -154,12 +157,26 @@ def test_sdtune_cache_builds_ahead_and_training_then_encodes_nothing(tiny_v, sma
 
 @pytest.mark.skipif(not shutil.which("accelerate", path=os.path.dirname(sys.executable)), reason="accelerate CLI not installed")
 def test_sdtune_cache_under_accelerate_launch_splits_the_work(tiny_v, small_dataset, tmp_path):
-    args = _args(tiny_v, tmp_path, f"data.path={small_dataset}", "data.bucket_step=16")[2:]
+    # With DreamBooth class images to draw first: 6 of them, in batches of 4 (class_images.BATCH),
+    # so one process draws 4 and the other 2.
+    classes = tmp_path / "class"
+    sources = f"data.sources=[{{path: {small_dataset}}}, {{path: {classes}, class_images: true, class_prompt: a red circle, num_class_images: 6}}]"
+    args = _args(tiny_v, tmp_path, "data.path=null", sources, "data.bucket_step=16")[2:]
     # The one invocation that gives two CPU processes (gloo): `--cpu --num_processes 2`
     # runs one, and `--multi_gpu` alone runs two that do not know of each other.
     command, env = cpu_processes(2, "-m", "sdtune", "cache", "--recipe", "recipes/tiny_demo.yaml", *args)
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    # Each process encoded its half; the totals are reported once.
-    assert run.stdout.count("latent cache 8 encoded (4 + 4 by 2 processes), 0 reused") == 1, run.stdout
-    assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 8
+    assert run.stdout.count("sdtune: drew 6 class image(s) of 'a red circle'") == 1, run.stdout
+    # The main process drew its share (its progress bar counts 4), the other the rest.
+    assert re.search(r"class images for \S+: 100%\S* 4/4 ", run.stderr) and " 6/6 " not in run.stderr, run.stderr[-3000:]
+    # The same files as one process draws: each image in the same batch with the same seed.
+    alone = tmp_path / "alone"
+    assert generate_class_images(alone, "a red circle", 6, 64, load_recipe(ROOT / "recipes" / "tiny_demo.yaml").train.seed,
+                                 str(tiny_v), False) == 6
+    drawn = sorted(p.name for p in classes.iterdir())
+    assert drawn == sorted(p.name for p in alone.iterdir()) and len(drawn) == 12  # 6 images, 6 captions
+    assert all((classes / name).read_bytes() == (alone / name).read_bytes() for name in drawn)
+    # Each process encoded its half of the 14 images; the totals are reported once.
+    assert run.stdout.count("latent cache 14 encoded (7 + 7 by 2 processes), 0 reused") == 1, run.stdout
+    assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 14

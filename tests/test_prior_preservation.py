@@ -124,6 +124,26 @@ def test_a_run_with_class_images_weights_exactly_their_batches(tiny_v, tmp_path)
     assert ratios == [1.0, 1.0, 1.0, 3.0, 3.0, 3.0]
 
 
+def test_an_sdxl_base_draws_its_class_images_and_weights_their_batches(tiny_sdxl, tmp_path):
+    """DreamBooth on SDXL: the class images are drawn by the SDXL pipeline (both encoders,
+    size conditioning), and their weight reaches SDXL's loss: at prior_loss_weight 0 the
+    class batches' loss is exactly 0 and the subject's is not."""
+    subject, _ = _instance_and_class(tmp_path, instances=2, classes=0)
+    drawn = tmp_path / "drawn"
+    sources = json.dumps([{"path": str(subject)},
+                          {"path": str(drawn), "class_images": True, "class_prompt": "a shape", "num_class_images": 2}])
+    result = main(_args(tiny_sdxl, tmp_path, f"data.sources={sources}", "data.path=null", "data.num_workers=0",
+                        "data.caption_dropout=0", "train.batch_size=1", "train.max_steps=4", "train.learning_rate=1e-12",
+                        "train.log_every=1", "train.prior_loss_weight=0", "train.lr_warmup_steps=0"))
+    images = sorted(drawn.glob("*.png"))
+    assert [p.name for p in images] == ["class-00000.png", "class-00001.png"]
+    assert all(Image.open(p).size == (64, 64) and p.with_suffix(".txt").read_text() == "a shape\n" for p in images)
+    assert len({p.read_bytes() for p in images}) == 2  # two seeds, two pictures
+    assert generate_class_images(drawn, "a shape", 2, 64, 0, str(tiny_sdxl), False) == 0  # full: nothing more to draw
+    losses = sorted(result.losses)  # an epoch: 2 subject items and 2 class items, one per step
+    assert losses[:2] == [0.0, 0.0] and min(losses[2:]) > 0, result.losses
+
+
 def test_a_resumed_run_with_class_images_matches_a_straight_one(tiny_v, tmp_path):
     subject, cls = _instance_and_class(tmp_path, instances=3, classes=2)
     sources = json.dumps([{"path": str(subject)}, {"path": str(cls), "class_images": True}])
