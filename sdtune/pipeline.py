@@ -66,7 +66,7 @@ def read_lora_file(path: str | Path, allow_pickle: bool = False, sdxl: bool = Fa
     if foreign:
         raise ValueError(
             f"{path} is not a LoRA sdtune reads (found key {foreign[0]!r}); sdtune sample reads LoRA/LoCon "
-            "(lora_down/lora_up/alpha), DoRA (dora_scale), LoHa (hada_*) and LoKr (lokr_*) layers"
+            "(lora_down/lora_up/alpha, lora_mid), DoRA (dora_scale), LoHa (hada_*) and LoKr (lokr_*) layers"
         )
     short_hash = infotext.lora_short_hash(path, metadata)
     return Lora(path=path, name=path.stem, short_hash=short_hash, tensors=tensors, metadata=metadata)

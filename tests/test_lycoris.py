@@ -317,9 +317,9 @@ def test_sample_reads_the_file_and_a_weight_scales_the_change(reduced_v1, adapte
     tensors = made.tensors
     save_file(tensors, tmp_path / "x.safetensors", {"ss_v2": "False"})
     assert read_lora_file(tmp_path / "x.safetensors").tensors.keys() == tensors.keys()
-    save_file(tensors | {"lora_unet_conv_in.lora_mid.weight": torch.zeros(1)}, tmp_path / "tucker.safetensors")
-    with pytest.raises(ValueError, match="lora_mid"):
-        read_lora_file(tmp_path / "tucker.safetensors")
+    save_file(tensors | {"lora_unet_conv_in.diff": torch.zeros(1)}, tmp_path / "full.safetensors")  # LyCORIS' "full" kind
+    with pytest.raises(ValueError, match=r"not a LoRA sdtune reads \(found key 'lora_unet_conv_in.diff'\)"):
+        read_lora_file(tmp_path / "full.safetensors")
     base_unet, base_te = copy.deepcopy(reduced_v1[0]), copy.deepcopy(reduced_v1[1])
     merge_lora(tensors, base_unet, base_te, multiplier=0.5)
     for path in lora_layers(made.unet):
@@ -364,3 +364,49 @@ def test_sdxl_file_has_sgm_and_te1_te2_names_and_merges_as_peft(kind):
         worst = max((theirs[k] - mine[k]).abs().max().item() / max(1.0, theirs[k].abs().max().item()) for k in mine)
         assert worst < 1e-5, worst
         assert sum(not torch.equal(mine[k], v) for k, v in original.state_dict().items()) == len(lora_layers(peft_model))
+
+
+def test_tucker_layers_merge_as_the_layers_run(reduced_v1, tmp_path):
+    """LyCORIS' Tucker (use_tucker) 3x3 conv layers: a LoCon's lora_down (1x1), lora_mid (3x3
+    core), lora_up (1x1) run as three convs in turn, and the merged weight must equal that chain;
+    a LoHa's hada_t1/hada_t2 cores rebuild each factor as A1111's lyco_helpers.make_weight_cp does."""
+    from safetensors.torch import save_file
+
+    from sdtune.export.inspect import inspect_file
+    from sdtune.export.lycoris import weight_delta
+    from sdtune.pipeline import read_lora_file
+
+    torch.manual_seed(0)
+    unet, text_encoder = copy.deepcopy(reduced_v1[0]), copy.deepcopy(reduced_v1[1])
+    conv = unet.down_blocks[0].resnets[0].conv1
+    out_c, in_c, r, alpha = conv.out_channels, conv.in_channels, 4, 2.0
+    locon = {"lora_down.weight": torch.randn(r, in_c, 1, 1), "lora_mid.weight": torch.randn(r, r, 3, 3),
+             "lora_up.weight": torch.randn(out_c, r, 1, 1), "alpha": torch.tensor(alpha)}
+    x = torch.randn(2, in_c, 16, 16, dtype=torch.float64)
+    chain = torch.nn.functional.conv2d(x, locon["lora_down.weight"].double())
+    chain = torch.nn.functional.conv2d(chain, locon["lora_mid.weight"].double(), padding=1)
+    chain = torch.nn.functional.conv2d(chain, locon["lora_up.weight"].double()) * (alpha / r)
+    delta = weight_delta(locon, conv.weight)
+    assert delta.shape == conv.weight.shape
+    merged_run = torch.nn.functional.conv2d(x, delta.double(), padding=1)
+    assert (merged_run - chain).abs().max() < 1e-4 * chain.abs().max()
+
+    def make_weight_cp(t, wa, wb):  # A1111 extensions-builtin/Lora/lyco_helpers.py, restated
+        temp = torch.einsum("i j k l, j r -> i r k l", t, wb)
+        return torch.einsum("i j k l, i r -> r j k l", temp, wa)
+
+    loha = {"hada_w1_a": torch.randn(r, out_c), "hada_w1_b": torch.randn(r, in_c), "hada_t1": torch.randn(r, r, 3, 3),
+            "hada_w2_a": torch.randn(r, out_c), "hada_w2_b": torch.randn(r, in_c), "hada_t2": torch.randn(r, r, 3, 3),
+            "alpha": torch.tensor(alpha)}
+    expected = (make_weight_cp(loha["hada_t1"], loha["hada_w1_a"], loha["hada_w1_b"])
+                * make_weight_cp(loha["hada_t2"], loha["hada_w2_a"], loha["hada_w2_b"])) * (alpha / r)
+    torch.testing.assert_close(weight_delta(loha, conv.weight), expected)
+
+    # In a file: sample reads it, the merge applies it, inspect names the kernel.
+    name = kohya_name("lora_unet_", "down_blocks.0.resnets.0.conv1")
+    save_file({f"{name}.{k}": v for k, v in locon.items()}, tmp_path / "tucker.safetensors", {"ss_v2": "False"})
+    lora = read_lora_file(tmp_path / "tucker.safetensors")
+    before = conv.weight.detach().clone()
+    merge_lora(lora.tensors, unet, text_encoder, multiplier=0.5)
+    torch.testing.assert_close(conv.weight.detach(), before + 0.5 * delta)
+    assert "3x3 Tucker kernel" in inspect_file(tmp_path / "tucker.safetensors").text()

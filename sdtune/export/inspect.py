@@ -89,8 +89,9 @@ def _lora_report(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
             continue
         rank = lycoris.rank(parts)
         alpha = float(parts["alpha"]) if "alpha" in parts else None
-        down = parts.get("lora_down.weight")
-        shape = "x".join(str(s) for s in down.shape[2:]) if down is not None else ""
+        kernel = parts.get("lora_mid.weight", parts.get("lora_down.weight"))  # a Tucker LoCon keeps it in lora_mid
+        shape = "x".join(str(s) for s in kernel.shape[2:]) if kernel is not None else ""
+        shape += " Tucker" if "lora_mid.weight" in parts else ""
         summary[kind].add(("" if algorithm == "lora" else f"{ALGORITHM_NAMES[algorithm]} ")
                           + (f"rank {rank}" if rank is not None else "full matrices (scale 1)")
                           + f", alpha {alpha if alpha is not None else 'missing'}" + (f", {shape} kernel" if shape else ""))

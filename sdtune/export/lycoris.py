@@ -7,6 +7,9 @@ Per adapted layer ``<name>`` (named as ``kohya.kohya_name`` names a LoRA layer):
   LyCORIS' ``wd_on_output`` layout; a reader tells it from the input-axis one ``(1, in[, 1, 1])``
   by the shape. ``W' = dora_scale * V / ||V||`` with ``V = W + alpha/rank * up @ down`` and the
   norm over each output channel's weights (Liu et al. 2024, eq. 5; peft ``DoraLinearLayer``).
+- LoCon with a Tucker core (LyCORIS ``use_tucker``, read only): ``lora_down.weight`` ``(r, in, 1, 1)``,
+  ``lora_mid.weight`` ``(r, r, kh, kw)``, ``lora_up.weight`` ``(out, r, 1, 1)``: the layer runs the three convs
+  in turn, so ``dW = alpha/r * sum_ij mid[i, j] up[:, i] down[j, :]`` per kernel position.
 - LoHa: ``hada_w1_a`` (out x r), ``hada_w1_b`` (r x in*kh*kw), ``hada_w2_a``, ``hada_w2_b``, ``alpha``:
   ``dW = alpha/r * (w1_a @ w1_b) * (w2_a @ w2_b)`` (element-wise), reshaped to the weight.
 - LoKr: ``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b``, and ``lokr_w2`` or ``lokr_w2_a``/``lokr_w2_b``,
@@ -26,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 
 from sdtune.adapters import ADAPTER
 
-LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "lora_mid.weight")  # lora_mid: LoCon's Tucker core
 LYCORIS_PARTS = (
     "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
@@ -90,6 +93,7 @@ def rank(parts: dict[str, torch.Tensor]) -> int | None:
 
 
 def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A conv weight ``(out, in, kh, kw)`` from a Tucker core ``t`` ``(r, r, kh, kw)``, ``a`` ``(r, out)``, ``b`` ``(r, in)``."""
     return torch.einsum("i j k l, j r, i p -> p r k l", t, b, a)
 
 
@@ -100,9 +104,8 @@ def weight_delta(parts: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.
     r = rank(parts)
     scale = float(p["alpha"]) / r if "alpha" in p and r is not None else 1.0
     if kind in ("lora", "dora"):
-        if "lora_mid.weight" in p:
-            raise ValueError("LoCon with a Tucker lora_mid is not supported")
-        delta = p["lora_up.weight"].flatten(1) @ p["lora_down.weight"].flatten(1)
+        up, down = p["lora_up.weight"].flatten(1), p["lora_down.weight"].flatten(1)
+        delta = _tucker(p["lora_mid.weight"], up.T, down) if "lora_mid.weight" in p else up @ down
     elif kind == "loha":
         w1 = _tucker(p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"]) if "hada_t1" in p else p["hada_w1_a"] @ p["hada_w1_b"]
         w2 = _tucker(p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"]) if "hada_t2" in p else p["hada_w2_a"] @ p["hada_w2_b"]
