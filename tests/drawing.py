@@ -93,14 +93,27 @@ def darkness(images: list[Image.Image]) -> dict[str, float]:
             "judged_black": float(np.mean([judge(im).background == "black" for im in images]))}
 
 
-def main(model_path: Path = SHIPPED_BASE) -> None:
-    scenes = prompt_scenes()
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Every judged rate of a trained tiny base (and its trigger LoRA beside it).")
+    parser.add_argument("model", type=Path, nargs="?", default=SHIPPED_BASE)
+    parser.add_argument("--prompts", type=int, default=len(SEEDS), help="prompts (and seeds 0..N-1) per rate; default 16")
+    parser.add_argument("--samplers", nargs="+", default=["euler_a", "ddim", "dpmpp_2m"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    model_path, seeds = args.model, list(range(args.prompts))
+    scenes = prompt_scenes(args.prompts)
     model = load_pipeline(model_path, device=torch.device("cpu"))
     prompts = [s.caption for s in scenes]
-    print("base, euler_a:", judged(draw(model, prompts, SEEDS), scenes))
-    print("base, diffusers StableDiffusionPipeline:", judged(diffusers_draw(model_path, prompts), scenes))
-    noisy = draw(model, prompts, SEEDS, sampler="ddpm", steps=50)
-    mean = draw(model, prompts, SEEDS, sampler="ddpm", steps=50, ddpm_noise=False)
+    print(f"{args.prompts} prompts and seeds, {args.steps} steps, CFG {args.cfg}", flush=True)
+    for sampler in args.samplers:
+        print(f"base, {sampler}:", judged(draw(model, prompts, seeds, sampler, args.steps, args.cfg), scenes), flush=True)
+    if args.prompts == len(SEEDS) and (args.steps, args.cfg) == (20, 5.0):  # diffusers_draw's own settings
+        print("base, diffusers StableDiffusionPipeline:", judged(diffusers_draw(model_path, prompts), scenes))
+    noisy = draw(model, prompts, seeds, sampler="ddpm", steps=50)
+    mean = draw(model, prompts, seeds, sampler="ddpm", steps=50, ddpm_noise=False)
     print("ddpm:", judged(noisy, scenes), "contrast", contrast(noisy))
     print("ddpm --ddpm-no-noise:", judged(mean, scenes), "contrast", contrast(mean))
     one = [prompts[0]] * len(SEEDS)
@@ -111,12 +124,14 @@ def main(model_path: Path = SHIPPED_BASE) -> None:
     if lora_file.is_file():
         prompts, scenes = trigger_prompts(), [HELD_OUT_SCENE] * len(SEEDS)
         with_lora = load_pipeline(model_path, [lora_file], device=torch.device("cpu"))
-        print("trigger prompts, LoRA at 0:", judged(draw(with_lora, prompts, SEEDS, lora_weight=0.0), scenes))
-        print("trigger prompts, LoRA at 1:", judged(draw(with_lora, prompts, SEEDS, lora_weight=1.0), scenes))
+        for sampler in args.samplers:
+            for weight in (0.0, 1.0):
+                drawn = draw(with_lora, prompts, SEEDS, sampler, args.steps, args.cfg, lora_weight=weight)
+                print(f"trigger prompts, LoRA at {weight:g}, {sampler}:", judged(drawn, scenes), flush=True)
         print("trigger prompts, diffusers load_lora_weights:", judged(diffusers_draw(model_path, prompts, lora_file), scenes))
-    print("black backgrounds, euler_a:", darkness(draw(model, black_background_prompts(), SEEDS)))
-    print("black backgrounds, ddim:", darkness(draw(model, black_background_prompts(), SEEDS, sampler="ddim")))
+    for sampler in ("euler_a", "ddim"):
+        print(f"black backgrounds, {sampler}:", darkness(draw(model, black_background_prompts(), SEEDS, sampler=sampler)))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED_BASE)
+    main()
