@@ -33,6 +33,18 @@ def cpu_processes(count: int, *script: str) -> tuple[list[str], dict[str, str]]:
     return command, os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
+# The longest tests (20-90 s each on 2 cores), run first: the workers share out the short
+# ones as they finish, instead of one worker ending the session alone on a long test.
+LONGEST = ("test_distributed.py::test_two_processes", "test_recipes.py::test_shipped_recipe_runs", "test_demo.py::",
+           "test_train.py::test_sigterm", "test_sdxl_train.py::test_sdxl_lora_run", "test_reliability.py::test_a_killed",
+           "test_textual_inversion.py::test_two_processes", "test_data_pipeline.py::test_sdtune_cache_under_accelerate",
+           "test_tiny_base_draws.py::", "test_export_cli.py::test_sdxl_files", "test_benchmarks.py::test_training_benchmark")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_v(tmp_path_factory) -> Path:
     """Tiny SD model whose scheduler says v-prediction."""
