@@ -135,6 +135,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     *trained, optimizer, lr_scheduler = prepare_models(accelerator, trained, optimizer, lr_scheduler)  # a frozen UNet is not wrapped
     unet, encoder = trained[0], trained[1] if train_te else text_encoder  # what the loop runs
     models = {"unet": accelerator.unwrap_model(unet)} | ({"text_encoder": accelerator.unwrap_model(trained[1])} if train_te else {})
+    step_unet = unet if opt.compile == "no" else torch.compile(unet, backend=opt.compile)  # the training steps' calls only
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = parts.noise_scheduler
     setup = StepSetup(scheduler, Objective(opt.min_snr_gamma, opt.debiased_estimation, opt.loss_type, opt.huber_c), scaling,
@@ -173,7 +174,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             keyed = reseed(generator, opt.seed, epoch, order.global_index(batch_in_epoch - 1))
             te_trains = train_te and (opt.text_encoder_steps is None or step < opt.text_encoder_steps)
             with accelerator.accumulate(*trained):
-                loss = batch_loss(unet, encoder if text_in_loop else None, batch, setup, te_trains, keyed)
+                loss = batch_loss(step_unet, encoder if text_in_loop else None, batch, setup, te_trains, keyed)
                 if opt.on_nan == "skip" and not all_finite(loss, accelerator):  # all processes skip it, or none
                     skipped = skip_batch(skipped, step, optimizer)
                     continue
