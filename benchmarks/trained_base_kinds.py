@@ -1,6 +1,6 @@
 """Textual inversion and DreamBooth on the trained tiny base, judged in pixels like the LoRA demo.
 
-    python benchmarks/trained_base_kinds.py OUT_DIR [--base models/tiny-base] [--steps 600]
+    python benchmarks/trained_base_kinds.py OUT_DIR [--base models/tiny-base] [--steps 600] [--seeds 42 0 1]
 
 Each kind learns the word the base never saw (``zwx``: a pink shape on a green background,
 ``sdtune.world.HELD_OUT``) from the LoRA demo's 64 trigger images, through the shipped
@@ -14,7 +14,9 @@ size, rate and steps set:
 Printed per run, on 16 seeds, judged by tests/judge.py: trigger prompts drawn as the
 held-out pair; the 16 base prompts (colours named) with both colours right, which drift
 lowers; and the bare class prompt (``a circle in the center``) drawn as the held-out pair,
-the language drift prior preservation is there to stop. docs/tiny_base.md records a run.
+the language drift prior preservation is there to stop. With several ``--seeds`` each kind
+trains once per seed (train.seed: the noise, the batches, the class images drawn) and the
+mean over the seeds closes each kind's lines. docs/tiny_base.md records a run.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from sdtune.train import train  # noqa: E402
 CLASS_PROMPT = "a circle in the center"
 
 
-def common(base: Path, out: Path, name: str, steps: int) -> list[str]:
-    return [f"model.path={base}", "model.prediction_type=v_prediction", "model.zero_terminal_snr=true",
+def common(base: Path, out: Path, name: str, steps: int, seed: int) -> list[str]:
+    return [f"train.seed={seed}", f"model.path={base}", "model.prediction_type=v_prediction", "model.zero_terminal_snr=true",
             "data.resolution=64", "data.num_workers=0", "data.validation_split=0", f"data.cache_dir={out / 'cache'}",
             f"train.max_steps={steps}", "train.batch_size=8", "train.mixed_precision=no", "train.gradient_checkpointing=false",
             "train.lr_warmup_steps=20", "train.min_snr_gamma=5", "train.logger=none", "preview.prompts=[]",
@@ -61,31 +63,46 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--base", type=Path, default=ROOT / "models" / "tiny-base")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="train.seed of each kind's runs (default 42)")
     args = parser.parse_args()
     out, base = args.out, args.base
     trigger = out / "trigger-64-seed0"
     if not trigger.exists():
         world.write_dataset(trigger, world.trigger_scenes(64, 0))
-    results = {"base alone": rates(load_pipeline(base, device=torch.device("cpu")))}
+    results = {"base alone": [rates(load_pipeline(base, device=torch.device("cpu")))]}
+    show("base alone", results["base alone"][0])
+    for seed in args.seeds:
+        for name, figures in run_seed(base, out, trigger, args.steps, seed):
+            results.setdefault(name, []).append(figures)
+            show(f"{name}, seed {seed}", figures)
+    if len(args.seeds) > 1:
+        for name, runs in results.items():
+            if len(runs) > 1:
+                show(f"{name}, mean of {len(runs)} seeds", {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]})
 
+
+def show(name: str, figures: dict[str, float]) -> None:
+    print(f"{name}: " + ", ".join(f"{k} {v:.0%}" for k, v in figures.items()), flush=True)
+
+
+def run_seed(base: Path, out: Path, trigger: Path, steps: int, seed: int):
+    """Each kind trained with ``seed``, as (name, rates) pairs."""
     ti = train(load_recipe(ROOT / "recipes" / "textual_inversion.yaml", [
-        *common(base, out, "ti", args.steps), f"data.path={trigger}", f"embedding.token={world.TRIGGER}",
+        *common(base, out, f"ti-{seed}", steps, seed), f"data.path={trigger}", f"embedding.token={world.TRIGGER}",
         "embedding.init_word=red", "embedding.vectors=2", "train.learning_rate=5e-3"]))
     model = load_pipeline(base, device=torch.device("cpu"))
     load_into_pipeline(model.pipe, ti.output, world.TRIGGER, False)
-    results["textual inversion"] = rates(model)
+    yield "textual inversion", rates(model)
 
     instance = {"path": str(trigger)}
-    classes = {"path": str(out / "class-circle"), "class_images": True, "class_prompt": CLASS_PROMPT, "num_class_images": 64}
+    classes = {"path": str(out / f"class-circle-{seed}"), "class_images": True, "class_prompt": CLASS_PROMPT,
+               "num_class_images": 64}
     for name, sources in (("dreambooth", [instance, classes]), ("dreambooth-no-prior", [instance])):
         result = train(load_recipe(ROOT / "recipes" / "dreambooth.yaml", [
-            *common(base, out, name, args.steps), f"data.sources={json.dumps(sources)}", "lora.rank=8", "lora.alpha=8",
-            "train.learning_rate=1e-3"]))
+            *common(base, out, f"{name}-{seed}", steps, seed), f"data.sources={json.dumps(sources)}", "lora.rank=8",
+            "lora.alpha=8", "train.learning_rate=1e-3"]))
         model = load_pipeline(base, [result.output], device=torch.device("cpu"))
-        results[f"{name}, LoRA at 1"] = rates(model, 1.0)
-    for name, figures in results.items():
-        print(f"{name}: " + ", ".join(f"{k} {v:.0%}" for k, v in figures.items()), flush=True)
-
+        yield f"{name}, LoRA at 1", rates(model, 1.0)
 
 if __name__ == "__main__":
     main()
