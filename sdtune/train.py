@@ -135,7 +135,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     *trained, optimizer, lr_scheduler = prepare_models(accelerator, trained, optimizer, lr_scheduler)  # a frozen UNet is not wrapped
     unet, encoder = trained[0], trained[1] if train_te else text_encoder  # what the loop runs
     models = {"unet": accelerator.unwrap_model(unet)} | ({"text_encoder": accelerator.unwrap_model(trained[1])} if train_te else {})
-    step_unet = unet if opt.compile == "no" else torch.compile(unet, backend=opt.compile)  # the training steps' calls only
+    step_unet = torch.compile(unet, backend="inductor" if opt.compile is True else opt.compile) if opt.compile else unet  # steps only
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = parts.noise_scheduler
     setup = StepSetup(scheduler, Objective(opt.min_snr_gamma, opt.debiased_estimation, opt.loss_type, opt.huber_c), scaling,

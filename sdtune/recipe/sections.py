@@ -294,10 +294,10 @@ class TrainSection(_Section):
         0.0, ge=0, description="Extra noise on the model input only (Ning et al. 2023); 0.1 is the paper's value; 0: off."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
-    compile: Literal["no", "inductor", "aot_eager", "eager"] = Field(
-        "no", description="torch.compile the UNet the training loop runs with this backend: `inductor` makes each step "
-        "faster once compiled, but compiling takes minutes (docs/benchmarks.md); `eager` / `aot_eager` only check that it "
-        "compiles. Previews, exports and checkpoints use the uncompiled model."
+    compile: bool | Literal["inductor", "aot_eager", "eager"] = Field(
+        False, description="torch.compile the UNet the training steps call: `true` or `inductor` makes each step faster "
+        "once compiled, but compiling takes minutes (docs/benchmarks.md); `eager` / `aot_eager` only check that it "
+        "compiles; `false`: off. Previews, validation, exports and checkpoints use the uncompiled model."
     )
     attention: Literal["sdpa", "xformers"] = Field(
         "sdpa", description="`sdpa` (PyTorch scaled_dot_product_attention) or `xformers` (GPU only, optional extra)."
