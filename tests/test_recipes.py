@@ -276,6 +276,7 @@ def test_set_value_that_is_not_yaml_names_the_column():
     ("data.path=' '", "data.path is empty"),
     ("data.sources=[{path: ''}]", "data.sources.0.path: the path is empty"),
     ("data.sources=[{path: x, caption_extensions: [txt]}]", "caption_extensions must be file suffixes such as '.txt', got \\['txt'\\]"),
+    ("train.compile=fast", "train.compile: Input should be False, True, 'inductor', 'aot_eager' or 'eager'$"),
 ])
 def test_values_that_would_fail_at_run_time_are_refused_at_load(assignment, message):
     extra = ["data.path=null"] if assignment.startswith("data.sources") else []

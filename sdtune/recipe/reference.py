@@ -42,7 +42,7 @@ def _field_table(title: str, prefix: str, model: type[BaseModel]) -> list[str]:
 def _type_name(annotation: Any) -> str:
     args = getattr(annotation, "__args__", ())
     if getattr(annotation, "__origin__", None) is Literal:
-        return " | ".join(f"`{a}`" for a in args)
+        return " | ".join(f"`{json.dumps(a) if isinstance(a, bool) else a}`" for a in args)  # YAML's false / true
     if args:  # unions and lists
         inner = [_type_name(a) for a in args]
         return f"list[{inner[0]}]" if getattr(annotation, "__origin__", None) is list else " | ".join(inner)

@@ -294,7 +294,7 @@ class TrainSection(_Section):
         0.0, ge=0, description="Extra noise on the model input only (Ning et al. 2023); 0.1 is the paper's value; 0: off."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
-    compile: bool | Literal["inductor", "aot_eager", "eager"] = Field(
+    compile: Literal[False, True, "inductor", "aot_eager", "eager"] = Field(
         False, description="torch.compile the UNet the training steps call: `true` or `inductor` makes each step faster "
         "once compiled, but compiling takes minutes (docs/benchmarks.md); `eager` / `aot_eager` only check that it "
         "compiles; `false`: off. Previews, validation, exports and checkpoints use the uncompiled model."
