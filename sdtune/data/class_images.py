@@ -36,13 +36,14 @@ def missing_class_images(folder: Path, count: int) -> list[str]:
     missing = count - len(image_files(folder))
     if missing <= 0:
         return []
-    return [f"class-{k:05d}" for k in range(count * 2) if not any(folder.glob(f"class-{k:05d}.*"))][:missing]
+    taken = {p.name.partition(".")[0] for p in folder.iterdir() if "." in p.name} if folder.is_dir() else set()  # class-00007.*
+    return [name for name in (f"class-{k:05d}" for k in range(count * 2)) if name not in taken][:missing]
 
 
 def shares(names: list[str], rank: int, processes: int) -> list[str]:
-    """The names process ``rank`` of ``processes`` draws: every ``processes``-th batch of BATCH, from its own.
-    Each image is drawn in the same batch as one process would draw it, so the files are
-    the same whatever the number of processes."""
+    """The names process ``rank`` of ``processes`` draws: every ``processes``-th batch of BATCH,
+    starting at batch ``rank``. Each image is drawn in the same batch as one process would
+    draw it, so the files are the same whatever the number of processes."""
     batches = [names[i : i + BATCH] for i in range(0, len(names), BATCH)]
     return [name for batch in batches[rank::processes] for name in batch]
 
