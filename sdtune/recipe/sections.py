@@ -267,7 +267,10 @@ class TrainSection(_Section):
     )
     seed: int = Field(42, ge=0, le=MAX_TRAIN_SEED, description="Seed for weights init, data order, noise and timesteps (0 to 2^31 - 1).")
     min_snr_gamma: float | None = Field(
-        None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's choice. null: off."
+        None,
+        gt=0,
+        description="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's choice. null: off. On a v target "
+        "it weighs the noisiest steps near 0 (0 at zero terminal SNR): fine to fine-tune, not to train from scratch.",
     )
     debiased_estimation: bool = Field(
         False, description="Weight the loss by 1/sqrt(SNR) in epsilon terms (Yu et al. 2024); instead of min-SNR."
