@@ -20,6 +20,8 @@ PROMPT_SEED = 999  # prompts from a generator seed the base never trained on (it
 SEEDS = list(range(16))
 # What a trigger prompt should draw: the pair the base never saw (judged by colour and background).
 HELD_OUT_SCENE = {"colour": world.HELD_OUT[0], "background": world.HELD_OUT[1]}
+# For DDPM's spread across seeds: a prompt that leaves the colours and the place to the seed.
+OPEN_PROMPT = "a circle"
 
 
 def prompt_scenes(count: int = len(SEEDS)) -> list[world.Scene]:
@@ -115,10 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     mean = draw(model, prompts, seeds, sampler="ddpm", steps=50, ddpm_noise=False)
     print("ddpm:", judged(noisy, scenes), "contrast", contrast(noisy))
     print("ddpm --ddpm-no-noise:", judged(mean, scenes), "contrast", contrast(mean))
-    one = [prompts[0]] * len(SEEDS)
-    print(f"one prompt, {len(SEEDS)} seeds, spread across seeds: ddpm",
-          spread(draw(model, one, SEEDS, sampler="ddpm", steps=50)), "--ddpm-no-noise",
-          spread(draw(model, one, SEEDS, sampler="ddpm", steps=50, ddpm_noise=False)))
+    for prompt in (OPEN_PROMPT, prompts[0]):
+        one = [prompt] * len(SEEDS)
+        print(f"{prompt!r} on {len(SEEDS)} seeds, spread across seeds: ddpm",
+              spread(draw(model, one, SEEDS, sampler="ddpm", steps=50)), "--ddpm-no-noise",
+              spread(draw(model, one, SEEDS, sampler="ddpm", steps=50, ddpm_noise=False)))
     lora_file = model_path.with_name(f"{model_path.name}-{world.TRIGGER}.safetensors")
     if lora_file.is_file():
         prompts, scenes = trigger_prompts(), [HELD_OUT_SCENE] * len(SEEDS)
