@@ -71,7 +71,7 @@ def test_ddpm_without_its_per_step_noise_collapses(base):
     across the seeds. DDPM's samples differ from seed to seed; without the per-step noise every
     seed lands on the same conditional mean (with zero terminal SNR the first step drops the seed
     entirely), so the spread collapses. The prompt leaves colour, place and background open: a
-    base that binds every word of a full caption draws it alike from every seed either way.
+    base that binds every word of a full caption draws it alike from every seed, noise or not.
     Per-image contrast does not tell them apart here: the world is flat colours either way
     (docs/tiny_base.md)."""
     one = [OPEN_PROMPT] * len(SEEDS)
