@@ -22,11 +22,12 @@ if not __package__:
     # cannot shadow installed ones.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import sdtune  # noqa: F401, I001  (before the libraries: it quiets their notices at their loggers)
+
 import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-import sdtune  # noqa: F401  (first: it quiets library notices before the libraries load)
 from sdtune import training_state
 from sdtune.compute import make_accelerator
 from sdtune.data.cache import (

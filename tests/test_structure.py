@@ -127,3 +127,32 @@ def test_the_wheel_ships_what_runs_need(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+# Run as `accelerate launch sdtune/train.py`: records, at the first import of a library that
+# logs notices at import, whether sdtune (whose __init__ quiets those loggers) was loaded.
+FIRST_LIBRARY_PROBE = """
+import runpy, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("torch", "diffusers", "transformers", "peft", "bitsandbytes") and not seen:
+            seen.append((name, "sdtune" in sys.modules))
+sys.meta_path.insert(0, Watch())
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(seen)
+"""
+
+
+def test_train_run_as_a_file_quiets_the_libraries_before_it_imports_them():
+    """A file run imports sdtune/__init__ only when train.py says so: it must come before torch and
+    diffusers, or bitsandbytes (imported by diffusers where installed) logs, on a CPU with
+    AVX512-BF16, its failed kernel download into every run's output."""
+    run = subprocess.run([sys.executable, "-c", FIRST_LIBRARY_PROBE, str(PACKAGE / "train.py")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[('torch', True)]", run.stdout[-2000:]
