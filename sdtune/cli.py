@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--arch", choices=sorted(TINY_ARCHES), default="sd1", help="block layout and text encoder(s) of SD 1.x, SD 2.x or SDXL")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--trained", action="store_true",
-                      help="train it from scratch on the generated world of the sample (sdtune/tiny_base.py; about 1 h 45 min on 2 CPU cores; docs/tiny_base.md)")
+                      help="train it from scratch on the generated world of the sample (sdtune/tiny_base.py; about 35 min on 2 CPU cores; docs/tiny_base.md)")
     tiny.add_argument("--images", type=int, default=2000, help="with --trained: generated training images")
     tiny.add_argument("--vae-steps", type=int, default=4000, help="with --trained: VAE training steps (then 3/8 as many weighting the shapes)")
     tiny.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors import safe_open
 
 from drawing import HELD_OUT_SCENE, OPEN_PROMPT, SEEDS, SHIPPED_BASE, diffusers_draw, draw, judged, spread, prompt_scenes, trigger_prompts
-from judge import judge
+from judge import judge, verdict
+from sdtune import world
 from sdtune.pipeline import load_pipeline
+from sdtune.vae_training import reconstruct
 from sdtune.world import HELD_OUT, TRIGGER
 
 SHIPPED_LORA = SHIPPED_BASE.with_name(f"tiny-base-{TRIGGER}.safetensors")
@@ -43,27 +46,39 @@ def test_shipped_base_is_small_fp16_and_records_its_build():
     record = json.loads((SHIPPED_BASE / "tiny-base.build.json").read_text())
     assert record["recipe"]["train"]["method"] == "full" and record["unet_steps"] == record["recipe"]["train"]["max_steps"]
     assert (SHIPPED_BASE / "build.sh").read_text().count("make-tiny") == 1
+    # built whole by that one command (VAE included), with every timestep weighted alike
+    assert not record["vae_reused"] and record["recipe"]["train"]["min_snr_gamma"] is None
 
 
-def test_shipped_base_draws_the_captions_colours(base, scenes):
+def test_shipped_vae_decodes_the_held_out_pair_it_never_saw():
+    """A LoRA can only teach what the VAE can draw. The VAE never saw a pink shape on green
+    either; the first shipped one decoded 43 of 64 such images with a white shape, and the
+    trigger LoRA of a base on it drew pinkish white (docs/tiny_base.md). Judged on the
+    posterior mean's decoding of the trigger set and of new caption combinations."""
+    vae = AutoencoderKL.from_pretrained(SHIPPED_BASE / "vae", torch_dtype=torch.float32)
+    for scenes in (world.trigger_scenes(64, 0), prompt_scenes(64)):
+        images = torch.from_numpy(np.stack([np.asarray(world.render(s)) for s in scenes])).permute(0, 3, 1, 2)
+        verdicts = [verdict(judge(image), scene) for image, scene in zip(reconstruct(vae, images), scenes)]
+        assert sum(v["all"] for v in verdicts) >= 0.95 * len(scenes), scenes[0]
+
+
+def test_shipped_base_draws_the_captions_colours_and_places(base, scenes):
     """16 seeds of prompts in the dataset's grammar (combinations drawn from a seed it never
-    trained on): shape colour and background colour both right on at least 80 % with the
-    deterministic samplers (DDIM, the folder's own; DPM++ 2M). Ancestral Euler falls short
-    of that on this base (12 of 16 here, 77 % of 64 prompts: docs/tiny_base.md); its bound
-    only guards against a worse base."""
+    trained on): shape colour and background colour both right, and the shape where the
+    caption puts it, on at least 80 % with every sampler (16 of 16 here: docs/tiny_base.md).
+    The base shipped before it, trained with min-SNR, put the shape where it liked: 6-19 %."""
     prompts = [s.caption for s in scenes]
-    for sampler in ("ddim", "dpmpp_2m"):
+    for sampler in ("euler_a", "ddim", "dpmpp_2m"):
         rates = judged(draw(base, prompts, SEEDS, sampler=sampler), scenes)
-        assert rates["all"] >= 0.8, (sampler, rates)
-    assert judged(draw(base, prompts, SEEDS), scenes)["all"] >= 0.7
+        assert rates["all"] >= 0.8 and rates["position"] >= 0.8, (sampler, rates)
 
 
 def test_diffusers_pipeline_loads_the_shipped_base_and_it_draws(scenes):
     """diffusers alone, with the scheduler the folder ships (DDIM, trailing, zero terminal SNR)."""
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_BASE, safety_checker=None, dtype=torch.float32)
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
-    images = diffusers_draw(SHIPPED_BASE, [s.caption for s in scenes])
-    assert judged(images, scenes)["all"] >= 0.8
+    rates = judged(diffusers_draw(SHIPPED_BASE, [s.caption for s in scenes]), scenes)
+    assert rates["all"] >= 0.8 and rates["position"] >= 0.8, rates
 
 
 def test_ddpm_without_its_per_step_noise_collapses(base):
@@ -83,8 +98,8 @@ def test_ddpm_without_its_per_step_noise_collapses(base):
 def test_trigger_lora_teaches_the_held_out_pair(base):
     """The base never saw a pink shape on a green background; the LoRA names it with a trigger
     word. Judged with the LoRA merged by sdtune, and loaded by diffusers' load_lora_weights:
-    the independent loader draws what sdtune's merge draws, verdict for verdict. With ancestral
-    Euler 13 of 16 are right; with DDIM 12 (docs/tiny_base.md), hence that guard's lower bound."""
+    the independent loader draws what sdtune's merge draws, verdict for verdict (15 of 16 right
+    with ancestral Euler, 16 with DDIM: docs/tiny_base.md)."""
     seeds = list(range(len(TRIGGER_PROMPTS)))
     lora = load_pipeline(SHIPPED_BASE, [SHIPPED_LORA], device=torch.device("cpu"))
     scenes = [HELD_OUT_SCENE] * len(seeds)
@@ -95,4 +110,4 @@ def test_trigger_lora_teaches_the_held_out_pair(base):
     ours = [judge(image) for image in draw(lora, TRIGGER_PROMPTS, seeds, sampler="ddim", lora_weight=1.0)]
     theirs = [judge(image) for image in diffusers_draw(SHIPPED_BASE, TRIGGER_PROMPTS, SHIPPED_LORA)]
     assert [(j.colour, j.background) for j in theirs] == [(j.colour, j.background) for j in ours]
-    assert sum((j.colour, j.background) == HELD_OUT for j in theirs) >= 0.7 * len(seeds)
+    assert sum((j.colour, j.background) == HELD_OUT for j in theirs) >= 0.8 * len(seeds)
