@@ -22,7 +22,7 @@ if not __package__:
     # cannot shadow installed ones.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import sdtune  # noqa: F401, I001  (before the libraries: it quiets their notices at their loggers)
+import sdtune  # noqa: F401  (before the libraries: it quiets their notices at their loggers)
 
 import torch
 from diffusers.training_utils import EMAModel

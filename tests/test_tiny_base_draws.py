@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors import safe_open
 
 from drawing import HELD_OUT_SCENE, OPEN_PROMPT, SEEDS, SHIPPED_BASE, diffusers_draw, draw, judged, spread, prompt_scenes, trigger_prompts
-from judge import judge, verdict
+from judge import judge
 from sdtune import world
 from sdtune.pipeline import load_pipeline
 from sdtune.vae_training import reconstruct
@@ -58,8 +58,8 @@ def test_shipped_vae_decodes_the_held_out_pair_it_never_saw():
     vae = AutoencoderKL.from_pretrained(SHIPPED_BASE / "vae", torch_dtype=torch.float32)
     for scenes in (world.trigger_scenes(64, 0), prompt_scenes(64)):
         images = torch.from_numpy(np.stack([np.asarray(world.render(s)) for s in scenes])).permute(0, 3, 1, 2)
-        verdicts = [verdict(judge(image), scene) for image, scene in zip(reconstruct(vae, images), scenes)]
-        assert sum(v["all"] for v in verdicts) >= 0.95 * len(scenes), scenes[0]
+        rates = judged(reconstruct(vae, images), scenes)
+        assert rates["all"] >= 0.95, (scenes[0], rates)
 
 
 def test_shipped_base_draws_the_captions_colours_and_places(base, scenes):
