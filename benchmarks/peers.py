@@ -3,9 +3,11 @@
     python benchmarks/peers.py --diffusers-example PATH/train_text_to_image_lora.py --kohya PATH/sd-scripts
                                --peers-python /tmp/peers/venv/bin/python [--kohya-python PY]
                                [--model tiny|sd15] [--steps N] [--repeat K] [--images N] [--threads T] [--work DIR]
+                               [--mixed-precision no|bf16]
 
 Same work for each (benchmarks/peers.md lists it): one base model, datasets/sample in each
-trainer's layout, LoRA rank 4 / alpha 4 on the UNet only, fp32, AdamW lr 1e-4 constant, square
+trainer's layout, LoRA rank 4 / alpha 4 on the UNet only, fp32 (or each trainer's own bf16 mixed
+precision with --mixed-precision bf16), AdamW lr 1e-4 constant, square
 center crops, the same batch, resolution, steps, seed and OMP_NUM_THREADS. Each feeds the UNet
 its own way: sdtune caches latents and text-encoder outputs, kohya latents (--cache_latents),
 the diffusers example encodes both at every step; --images N with steps x batch = N makes all
@@ -190,7 +192,7 @@ def commands(args, model: Path, data: dict[str, Path], out: Path) -> dict[str, t
         "data.max_aspect_ratio": 1, "data.max_upscale": 8, "data.caption_dropout": 0, "data.num_workers": 0,
         "data.validation_split": 0, "lora.rank": 4, "lora.alpha": 4, "train.max_steps": n, "train.batch_size": b,
         "train.learning_rate": lr, "train.lr_scheduler": "constant", "train.lr_warmup_steps": 0,
-        "train.min_snr_gamma": "null", "train.mixed_precision": "no", "train.logger": "none", "train.seed": 0,
+        "train.min_snr_gamma": "null", "train.mixed_precision": args.mixed_precision, "train.logger": "none", "train.seed": 0,
         "preview.prompts": "[]", "output.dir": out / "sdtune",
     }
     sdtune = [sys.executable, "-m", "sdtune", "train", "--recipe", "recipes/tiny_demo.yaml"]
@@ -199,14 +201,14 @@ def commands(args, model: Path, data: dict[str, Path], out: Path) -> dict[str, t
                  "--train_data_dir", str(data["diffusers"]), "--output_dir", str(out / "diffusers"),
                  "--cache_dir", str(out / "hf-datasets"), "--resolution", r, "--center_crop", "--train_batch_size", b,
                  "--max_train_steps", n, "--learning_rate", lr, "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-                 "--rank", "4", "--mixed_precision", "no", "--seed", "0", "--dataloader_num_workers", "0"]
+                 "--rank", "4", "--mixed_precision", args.mixed_precision, "--seed", "0", "--dataloader_num_workers", "0"]
     kohya = [args.kohya_python or args.peers_python, str(args.kohya / "train_network.py"),
              "--pretrained_model_name_or_path", str(model), "--tokenizer_cache_dir", str(data["kohya_tokenizer"]),
              "--train_data_dir", str(data["kohya"]), "--caption_extension", ".txt", "--output_dir", str(out / "kohya"),
              "--output_name", "lora", "--save_model_as", "safetensors", "--resolution", r, "--train_batch_size", b,
              "--max_train_steps", n, "--learning_rate", lr, "--lr_scheduler", "constant", "--optimizer_type", "AdamW",
              "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4",
-             "--network_train_unet_only", "--mixed_precision", "no", "--save_precision", "float", "--seed", "0",
+             "--network_train_unet_only", "--mixed_precision", args.mixed_precision, "--save_precision", "float", "--seed", "0",
              "--max_data_loader_n_workers", "0", "--cache_latents", "--sdpa"]
     return {"sdtune": (sdtune, ROOT), "diffusers": (diffusers, args.diffusers_example.parent), "kohya": (kohya, args.kohya)}
 
@@ -256,6 +258,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="train on the first N images of datasets/sample (default: all)")
     parser.add_argument("--trainers", default="sdtune,diffusers,kohya", help="comma-separated, sdtune first")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                        help="all three trainers' own mixed-precision setting (bf16: frozen weights in bf16, autocast)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdtune-peers"))
     args = parser.parse_args()
     args.batch_size = args.batch_size or (4 if args.model == "tiny" else 1)

@@ -120,3 +120,16 @@ def test_run_timed_stamps_each_redraw_when_it_arrives(tmp_path):
     assert result["s_per_step"] == pytest.approx(0.3, abs=0.1)
     assert result["first_step_s"] < result["wall_s"] - 0.2
     assert result["tqdm_s_per_step"] == 0.25
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_mixed_precision_reaches_all_three_trainers(tmp_path, precision):
+    args = peers.argparse.Namespace(steps=3, batch_size=1, resolution=256, learning_rate=1e-4, mixed_precision=precision,
+                                    peers_python="py", kohya_python=None, diffusers_example=tmp_path / "ex.py",
+                                    kohya=tmp_path / "sd-scripts")
+    data = {"sdtune": tmp_path / "s", "diffusers": tmp_path / "d", "kohya": tmp_path / "k", "kohya_tokenizer": tmp_path / "t"}
+    cmds = {name: cmd for name, (cmd, _) in peers.commands(args, tmp_path / "model", data, tmp_path / "out").items()}
+    assert f"train.mixed_precision={precision}" in cmds["sdtune"]
+    for peer in ("diffusers", "kohya"):
+        flag = cmds[peer].index("--mixed_precision")
+        assert cmds[peer][flag + 1] == precision
