@@ -1,4 +1,4 @@
-"""A LoRA training step of the UNet in fp32, channels-last and torch.compile, on this machine.
+"""A LoRA training step of the UNet in fp32, bf16 autocast, channels-last and torch.compile, on this machine.
 
     python benchmarks/unet_options.py [--models tiny reduced] [--modes fp32 channels_last ...] [--steps 20] [--rounds 3]
 
@@ -8,7 +8,9 @@ LoRA on the attention projections and times the bare step (forward, MSE loss,
 backward, AdamW step) of an identical copy per mode, in rounds that alternate the
 modes so that a busy machine slows all of them alike. ``compile`` is
 ``torch.compile`` (inductor, default mode) of the UNet; its first step, which
-compiles, is reported apart. Prints one JSON object: the median seconds per step
+compiles, is reported apart. ``bf16`` is what ``train.mixed_precision: bf16`` does to a
+LoRA run: the frozen weights stored in bf16, the LoRA weights in fp32, the step under
+``torch.autocast(bfloat16)``; it pays on CPUs with native bf16 (AVX512-BF16, AMX). Prints one JSON object: the median seconds per step
 per mode, the ratio to fp32, the first step's loss per mode (the options must not
 change it beyond float noise) and the compile time.
 """
@@ -30,7 +32,7 @@ import torch
 from sdtune.adapters import add_lora, trainable_parameters
 from sdtune.tiny import reduced_sd, tiny_unet
 
-MODES = ("fp32", "channels_last", "compile", "compile_channels_last")
+MODES = ("fp32", "channels_last", "compile", "compile_channels_last", "bf16", "bf16_channels_last")
 WORK = {"tiny": (4, 8), "reduced": (2, 32)}  # (batch, latent side)
 
 
@@ -45,16 +47,22 @@ def prepared(base: torch.nn.Module, mode: str):
     unet = copy.deepcopy(base)
     if "channels_last" in mode:
         unet = unet.to(memory_format=torch.channels_last)
+    if "bf16" in mode:
+        for parameter in unet.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(trainable_parameters(unet), lr=1e-4)
     run = torch.compile(unet) if mode.startswith("compile") else unet
-    return run, optimizer
+    return run, optimizer, "bf16" in mode
 
 
-def step(unet, optimizer, inputs, channels_last: bool) -> float:
+def step(unet, optimizer, bf16: bool, inputs, channels_last: bool) -> float:
     latents, t, cond, target = inputs
     if channels_last:
         latents = latents.contiguous(memory_format=torch.channels_last)
-    loss = torch.nn.functional.mse_loss(unet(latents, t, cond, return_dict=False)[0].float(), target)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        prediction = unet(latents, t, cond, return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(prediction.float(), target)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
