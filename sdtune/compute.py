@@ -75,9 +75,10 @@ def set_threads(processes_on_machine: int) -> tuple[int, str]:
     return threads, why
 
 
-def make_accelerator(mixed_precision: str, accumulation: int, logger: str, out_dir: Path, seed: int, deterministic: bool) -> Accelerator:
+def make_accelerator(mixed_precision: str, accumulation: int, logger: str, out_dir: Path, seed: int, deterministic: bool,
+                     compile_backend: bool | str = False) -> Accelerator:
     """accelerate for this run (precision, accumulation, trackers), seeded; an
-    impossible precision fails here, and a slow one is said."""
+    impossible precision (or precision and compile pair) fails here, and a slow one is said."""
     diffusers_logging.disable_progress_bar()  # per-file "Loading weights" bars hide ours
     transformers_logging.disable_progress_bar()
     accelerator = Accelerator(
@@ -86,6 +87,13 @@ def make_accelerator(mixed_precision: str, accumulation: int, logger: str, out_d
     )
     if mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+    if compile_backend in (True, "inductor") and mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        raise UserError(
+            "train.compile: inductor with train.mixed_precision: bf16 on a CPU would train a broken LoRA: torch's CPU "
+            "inductor (torch 2.13) drops the gradients of most LoRA layers under bf16 autocast (32 of the tiny model's 56 "
+            "got none), and the compiled bf16 step was slower than the uncompiled one at SD 1.5 width "
+            "(docs/benchmarks.md). Set train.compile: false (bf16 alone is the faster choice on a CPU with native bf16), "
+            "or train.mixed_precision: no to compile in fp32")
     if mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16() and accelerator.is_local_main_process:
         print(f"sdtune: warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), where bf16 "
               "convolutions run far slower than fp32 (benchmarks/precision.py); set train.mixed_precision: no", file=sys.stderr)

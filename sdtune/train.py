@@ -96,7 +96,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     resume_from = training_state.resolve(resume, folder.checkpoints) if resume else None
     resume_run = training_state.run_of(resume_from) if resume_from else None
     folder.check(out.overwrite, resume_run)  # another run's files are never replaced silently
-    accelerator = make_accelerator(opt.mixed_precision, opt.gradient_accumulation_steps, opt.logger, out_dir, opt.seed, opt.deterministic)
+    accelerator = make_accelerator(opt.mixed_precision, opt.gradient_accumulation_steps, opt.logger, out_dir, opt.seed, opt.deterministic,
+                                   opt.compile)  # an impossible precision, or precision and compile pair, stops here
     device, weight_dtype, is_main = accelerator.device, DTYPES[opt.mixed_precision], accelerator.is_local_main_process
     train_te = recipe.trains_text_encoder
 

@@ -273,6 +273,28 @@ def test_bf16_keeps_trainable_weights_fp32(tiny_v, small_dataset, tmp_path):
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
+@pytest.mark.parametrize("compile_backend, precision, refused", [
+    ("inductor", "bf16", True), (True, "bf16", True), ("aot_eager", "bf16", False), ("inductor", "no", False), (False, "bf16", False),
+])
+def test_inductor_with_bf16_is_refused_on_cpu(tmp_path, compile_backend, precision, refused):
+    # torch 2.13's CPU inductor under bf16 autocast left 32 of the tiny UNet's 56 LoRA-B
+    # weights without a gradient (docs/benchmarks.md); aot_eager and fp32 inductor kept them.
+    from sdtune.compute import make_accelerator
+
+    if refused:
+        with pytest.raises(UserError, match=r"train\.compile: inductor with train\.mixed_precision: bf16 on a CPU") as info:
+            make_accelerator(precision, 1, "none", tmp_path, 0, False, compile_backend)
+        assert "train.compile: false" in str(info.value) and "train.mixed_precision: no" in str(info.value)
+    else:
+        assert make_accelerator(precision, 1, "none", tmp_path, 0, False, compile_backend).mixed_precision == precision
+
+
+def test_inductor_with_bf16_stops_the_run_before_any_work(tiny_v, small_dataset, tmp_path):
+    with pytest.raises(UserError, match="drops the gradients of most LoRA layers"):
+        main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=1", "train.mixed_precision=bf16", "train.compile=inductor"))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def test_images_without_captions_are_listed_before_any_work(tiny_v, small_dataset, tmp_path):
     for caption in sorted(small_dataset.glob("*.txt"))[:2]:
         caption.unlink()

@@ -300,7 +300,8 @@ class TrainSection(_Section):
     compile: Literal[False, True, "inductor", "aot_eager", "eager"] = Field(
         False, description="torch.compile the UNet the training steps call: `true` or `inductor` makes each step faster "
         "once compiled, but compiling takes minutes (docs/benchmarks.md); `eager` / `aot_eager` only check that it "
-        "compiles; `false`: off. Previews, validation, exports and checkpoints use the uncompiled model."
+        "compiles; `false`: off. Previews, validation, exports and checkpoints use the uncompiled model. Not `inductor` "
+        "with bf16 on a CPU, where torch's inductor drops LoRA gradients."
     )
     attention: Literal["sdpa", "xformers"] = Field(
         "sdpa", description="`sdpa` (PyTorch scaled_dot_product_attention) or `xformers` (GPU only, optional extra)."
