@@ -15,6 +15,12 @@ prints one JSON object:
                            shape, and a bucket's last batch may be short)
   overhead                 s_per_step_median / floor - 1; cpu_overhead is the same in
                            this process's CPU seconds, which other jobs disturb less
+  flops_per_step           the model FLOPs of a step's forward + backward at the run's latent
+                           shapes (torch.utils.flop_counter: matrix products, convolutions,
+                           attention), mean over the timed steps; achieved_tflops = that /
+                           s_per_step_median; mfu = achieved / peak_tflops, the device's dense
+                           bf16/fp16 peak (datasheet, for the GPUs in PEAK_TFLOPS, or
+                           --peak-tflops), null where neither gives one
   start_to_first_step_s    process start (/proc/self/stat) to the end of step 1: imports,
                            this script's setup (setup_s: model folder, copying the images),
                            scan, model load, cache fill (cache_fill_s, latents and
@@ -147,6 +153,37 @@ def floor_times(unet, shapes: list[torch.Size], dtype: torch.dtype, device: torc
     return times[warmup:]
 
 
+# Dense bf16/fp16 tensor-core peaks from the datasheets, TFLOP/s, by a part of the device's name
+# (first match wins): the denominator of MFU for a bf16 or fp16 run.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.1), ("A10G", 125.0))
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None) -> float | None:
+    if given is not None:
+        return given
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in PEAK_TFLOPS if part in name), None)
+
+
+def step_flops(unet, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> int:
+    """Model FLOPs of one forward + backward of ``unet`` on a latent batch of ``shape``, counted by
+    torch.utils.flop_counter (what MFU counts: matrix products, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(shape, generator=gen, device=device)
+    conditioning = torch.randn(shape[0], 77, unet.config.cross_attention_dim, generator=gen, device=device)
+    timesteps = torch.randint(0, 1000, (shape[0],), generator=gen, device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            prediction = unet(latents, timesteps, conditioning, return_dict=False)[0]
+        F.mse_loss(prediction.float(), latents).backward()
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
@@ -161,6 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="default: the recipe's train.batch_size")
     parser.add_argument("--model-dir", type=Path, help="where the model is built once and reused (default: a temporary folder)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a recipe override, applied last")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS for known GPUs)")
     args = parser.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
         parser.error("need 1 <= --warmup < --steps: the first step's start is not timed, and some steps must be left")
@@ -219,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = DTYPES[opt.mixed_precision]
         floor = floor_times(result.unet, shapes, dtype, device, args.warmup)
         (step_s, step_cpu), (floor_s, floor_cpu) = ([statistics.median(t) for t in zip(*times)] for times in (steps, floor))
+        per_shape = {shape: step_flops(result.unet, shape, dtype, device) for shape in set(shapes[args.warmup :])}
+        flops = statistics.mean(per_shape[shape] for shape in shapes[args.warmup :])
+        peak = peak_tflops(device, dtype, args.peak_tflops)
         figures = {
             "model": args.model,
             "recipe": args.recipe,
@@ -237,6 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_s_per_step_median": sig(step_cpu),
             "floor_cpu_s_per_step_median": sig(floor_cpu),
             "cpu_overhead": sig(step_cpu / floor_cpu - 1, 3),
+            "flops_per_step": sig(flops),
+            "achieved_tflops": sig(flops / step_s / 1e12),
+            "peak_tflops": peak,
+            "mfu": sig(flops / step_s / 1e12 / peak, 3) if peak else None,
+            **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
             "step_times_s": [sig(wall, 3) for wall, _ in steps],
             "floor_times_s": [sig(wall, 3) for wall, _ in floor],
             "start_to_first_step_s": sig(clock.first_step_age),
