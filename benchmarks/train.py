@@ -169,8 +169,13 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None) -
 
 def step_flops(unet, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> int:
     """Model FLOPs of one forward + backward of ``unet`` on a latent batch of ``shape``, counted by
-    torch.utils.flop_counter (what MFU counts: matrix products, convolutions, attention)."""
+    torch.utils.flop_counter (what MFU counts: matrix products, convolutions, attention; not the
+    forward that gradient checkpointing runs again, so it is counted with checkpointing off)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    checkpointing = unet.is_gradient_checkpointing
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
 
     gen = torch.Generator(device).manual_seed(0)
     latents = torch.randn(shape, generator=gen, device=device)
@@ -181,6 +186,8 @@ def step_flops(unet, shape: torch.Size, dtype: torch.dtype, device: torch.device
             prediction = unet(latents, timesteps, conditioning, return_dict=False)[0]
         F.mse_loss(prediction.float(), latents).backward()
     unet.zero_grad(set_to_none=True)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     return counter.get_total_flops()
 
 

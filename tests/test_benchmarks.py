@@ -93,4 +93,19 @@ def test_step_flops_count_the_backward_and_scale_with_the_batch():
         unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, unet.config.cross_attention_dim))
     assert one > 1.5 * forward_only.get_total_flops()  # the backward is counted too (input gradients at least)
     assert all(p.grad is None for p in unet.parameters())  # it leaves no gradient behind
+    unet.enable_gradient_checkpointing()  # model FLOPs: the recomputed forward is not the model's
+    assert module.step_flops(unet, torch.Size([1, 4, 8, 8]), torch.float32, cpu) == one and unet.is_gradient_checkpointing
     assert module.peak_tflops(cpu, torch.bfloat16, None) is None and module.peak_tflops(cpu, torch.bfloat16, 3.5) == 3.5
+
+
+def test_gpu_scripts_parse_and_every_wheel_is_pinned_by_the_run_lock():
+    import re
+
+    wheels = (ROOT / "benchmarks" / "gpu_wheels.sh").read_text()
+    names = re.search(r"names=\(([^)]*)\)", wheels).group(1).split()
+    lock = {line.split("==")[0].lower() for line in (ROOT / "requirements" / "run.lock").read_text().splitlines() if "==" in line}
+    assert {"diffusers", "transformers", "peft", "accelerate", "pydantic"} <= set(names)
+    assert [n for n in names if n.lower() not in lock] == []
+    for script in ("gpu_wheels.sh", "gpu_check.sh"):
+        check = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
