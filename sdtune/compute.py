@@ -92,8 +92,8 @@ def make_accelerator(mixed_precision: str, accumulation: int, logger: str, out_d
             "train.compile: inductor with train.mixed_precision: bf16 on a CPU would train a broken LoRA: torch's CPU "
             "inductor (torch 2.13) drops the gradients of most LoRA layers under bf16 autocast (32 of the tiny model's 56 "
             "got none), and the compiled bf16 step was slower than the uncompiled one at SD 1.5 width "
-            "(docs/benchmarks.md). Set train.compile: false (bf16 alone is the faster choice on a CPU with native bf16), "
-            "or train.mixed_precision: no to compile in fp32")
+            "(docs/benchmarks.md). Set train.compile: false (at SD 1.5 width bf16 alone is the faster choice on a CPU with "
+            "native bf16), or train.mixed_precision: no to compile in fp32")
     if mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16() and accelerator.is_local_main_process:
         print(f"sdtune: warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}), where bf16 "
               "convolutions run far slower than fp32 (benchmarks/precision.py); set train.mixed_precision: no", file=sys.stderr)
