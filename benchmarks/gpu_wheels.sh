@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python_version=${1:-3.12}
 names=(diffusers transformers huggingface-hub peft accelerate pydantic pydantic-core annotated-types typing-inspection
-       httpx2 httpcore2 h11 anyio idna truststore kernels tomlkit lazy-importer importlib-metadata click regex hf-xet tokenizers)
+       httpx2 httpcore2 h11 anyio idna truststore kernels tomlkit lazy-importer importlib-metadata zipp typing-extensions
+       click regex hf-xet tokenizers)
 pins=()
 for name in "${names[@]}"; do
     pin=$(grep -iE "^${name}==" requirements/run.lock | cut -d' ' -f1)
