@@ -8,6 +8,7 @@ while peft injects the same layers into any ``nn.Module`` with no gate.
 from __future__ import annotations
 
 import re
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -106,3 +107,25 @@ def adapters_off(*models):
             layer.enable_adapters(True)
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+def warn_gradless_layers_at_first_step(optimizer: torch.optim.Optimizer, models, say: bool) -> None:
+    """Once, as the first optimizer step begins: adapter layers none of whose trainable weights got
+    a non-zero gradient would end the run unchanged (the end-of-run check says so of the file);
+    say so while the run can still be stopped. A layer counts as alive when any of its weights got
+    one (at step 1 a LoRA's down weights have none: its up weights start at zero)."""
+    layers = {name: [p for p in module.parameters() if p.requires_grad] for model in models if model is not None
+              for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    layers = {name: params for name, params in layers.items() if params}
+    if not layers:
+        return
+
+    def check(_optimizer, _args, _kwargs) -> None:
+        handle.remove()
+        dead = [name for name, params in layers.items() if all(p.grad is None or not p.grad.any() for p in params)]
+        if dead and say:
+            print(f"sdtune: warning: {len(dead)} of {len(layers)} adapter layers got no gradient in step 1, so training "
+                  f"cannot change them, e.g. {', '.join(dead[:2])}. Something cuts them off from the loss (a compiled "
+                  "model, a hook, a layer the model does not use); stop the run and check (docs/benchmarks.md)", file=sys.stderr)
+
+    handle = optimizer.register_step_pre_hook(check)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import cast_training_params
 
-from sdtune.adapters import add_lora, trainable_parameters
+from sdtune.adapters import add_lora, trainable_parameters, warn_gradless_layers_at_first_step
 from sdtune.export.results import ResultSpec, write_result
 from sdtune.models import set_attention
 from sdtune.sdxl import SdxlComponents, unused_text_encoder_modules
@@ -121,7 +121,9 @@ def network_args(lora) -> dict[str, str]:
 def prepare_models(accelerator, models: list, optimizer, lr_scheduler) -> list:
     """accelerate's ``prepare`` of ``models``, optimizer and schedule, except that a model with
     nothing to train (textual inversion's UNet) gets its autocast but no DDP wrapper: DDP
-    refuses a module without gradients (accelerate skips it on GPUs, not on CPU processes)."""
+    refuses a module without gradients (accelerate skips it on GPUs, not on CPU processes).
+    The first optimizer step then says which adapter layers no gradient reached."""
+    warn_gradless_layers_at_first_step(optimizer, models, accelerator.is_main_process)
     frozen = {id(m): m for m in models if not any(p.requires_grad for p in m.parameters())}
     if not frozen:
         return list(accelerator.prepare(*models, optimizer, lr_scheduler))

@@ -295,6 +295,34 @@ def test_inductor_with_bf16_stops_the_run_before_any_work(tiny_v, small_dataset,
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_adapter_layers_no_gradient_reaches_are_named_at_step_one(tiny_v, small_dataset, tmp_path, monkeypatch, capsys, cut):
+    # A layer cut off from the loss (here by a hook that detaches its output, as a faulty
+    # compiler did: docs/benchmarks.md) is named when the first step is taken, not only when
+    # the exported file turns out unchanged.
+    import sdtune.train as train_module
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    real, cut_names = train_module.make_trainable, []
+
+    def make_trainable(unet, *args, **kwargs):
+        groups = real(unet, *args, **kwargs)
+        if cut:
+            name, layer = next((n, m) for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer))
+            layer.register_forward_hook(lambda module, inputs, output: output.detach())
+            cut_names.append(name)
+        return groups
+
+    monkeypatch.setattr(train_module, "make_trainable", make_trainable)
+    main(_args(tiny_v, small_dataset, tmp_path, "train.max_steps=2"))
+    err = capsys.readouterr().err
+    if cut:
+        assert f"1 of 56 adapter layers got no gradient in step 1, so training cannot change them, e.g. {cut_names[0]}." in err
+        assert "1 of 56 LoRA layers change nothing" in err  # and the end-of-run check of the file agrees
+    else:
+        assert "no gradient" not in err
+
+
 def test_images_without_captions_are_listed_before_any_work(tiny_v, small_dataset, tmp_path):
     for caption in sorted(small_dataset.glob("*.txt"))[:2]:
         caption.unlink()
