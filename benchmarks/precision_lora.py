@@ -3,7 +3,7 @@
     python benchmarks/precision_lora.py OUT_DIR [--base models/tiny-base] [--precisions no bf16] [--seeds 0 1]
 
 For each seed and precision it trains the LoRA demo (recipes/tiny_demo.yaml: the trigger
-word for the pair the shipped base never saw, ``sdtune.tiny_base.train_trigger_lora``) with
+word for the pair the shipped base never saw, ``sdtune.tiny_base.trigger_lora_recipe``) with
 ``train.mixed_precision`` set, then prints one JSON line: the training time, the mean
 training loss of the last 100 steps, the final validation loss (mean over its timesteps),
 and, drawn with the LoRA at weight 1 on 16 seeds with euler_a and DDIM, the share of
@@ -27,20 +27,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the checkout, and the judge b
 import torch  # noqa: E402
 
 from drawing import HELD_OUT_SCENE, SEEDS, draw, judged, trigger_prompts  # noqa: E402
-from sdtune import world  # noqa: E402
 from sdtune.pipeline import load_pipeline  # noqa: E402
-from sdtune.recipe import load_recipe  # noqa: E402
-from sdtune.tiny_base import DEMO_RECIPE  # noqa: E402
+from sdtune.tiny_base import trigger_lora_recipe  # noqa: E402
 from sdtune.train import train  # noqa: E402
 
 
 def run(base: Path, out: Path, precision: str, seed: int) -> dict:
-    data = out / f"trigger-seed{seed}"
-    if not data.exists():
-        world.write_dataset(data, world.trigger_scenes(64, seed))
     name = f"{precision}-seed{seed}"
-    recipe = load_recipe(DEMO_RECIPE, [
-        f"model.path={base}", f"data.path={data}", f"data.cache_dir={out / 'cache'}", f"train.seed={seed}",
+    recipe = trigger_lora_recipe(base, out, seed=seed, overrides=[
         f"train.mixed_precision={precision}", "train.logger=none", "preview.prompts=[]",
         f"output.dir={out / name}", f"output.name={name}", "output.overwrite=true"])
     start = time.perf_counter()

@@ -174,23 +174,29 @@ def build_trained_base(
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny_demo.yaml"
 
 
-def train_trigger_lora(base: str | Path, work: str | Path, steps: int | None = None, images: int = 64, seed: int = 0,
-                       overrides: list[str] | None = None) -> Path:
-    """The LoRA demo on a trained base: the demo recipe (recipes/tiny_demo.yaml, its own
-    steps unless ``steps`` is given) on ``world.trigger_scenes``, which teach the trigger word
-    for the one shape/background pair the base never saw (``world.HELD_OUT``). Returns the
-    kohya LoRA file."""
+def trigger_lora_recipe(base: str | Path, work: str | Path, steps: int | None = None, images: int = 64, seed: int = 0,
+                        overrides: list[str] | None = None):
+    """The LoRA demo's recipe on a trained base: recipes/tiny_demo.yaml (its own steps unless
+    ``steps`` is given) on ``world.trigger_scenes`` (written under ``work`` if missing), which
+    teach the trigger word for the one shape/background pair the base never saw
+    (``world.HELD_OUT``); ``overrides`` apply last."""
     from sdtune.recipe import load_recipe
-    from sdtune.train import train
 
     work = Path(work)
     data = work / f"trigger-{images}-seed{seed}"
     if not data.exists():
         world.write_dataset(data, world.trigger_scenes(images, seed))
-    recipe = load_recipe(DEMO_RECIPE, [
+    return load_recipe(DEMO_RECIPE, [
         f"model.path={base}", f"data.path={data}", f"output.dir={work}", f"output.name=tiny-base-{world.TRIGGER}",
         f"data.cache_dir={work / 'cache'}", f"train.seed={seed}",
         *([f"train.max_steps={steps}", f"preview.every_steps={max(1, steps // 3)}"] if steps else []),
         *(overrides or []),
     ])
-    return train(recipe).output
+
+
+def train_trigger_lora(base: str | Path, work: str | Path, steps: int | None = None, images: int = 64, seed: int = 0,
+                       overrides: list[str] | None = None) -> Path:
+    """Trains ``trigger_lora_recipe``; returns the kohya LoRA file."""
+    from sdtune.train import train
+
+    return train(trigger_lora_recipe(base, work, steps, images, seed, overrides)).output
