@@ -129,6 +129,22 @@ class StepClock:
             self.first_step_age = process_age_s()
 
 
+def random_inputs(unet, shape: torch.Size, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A random latent batch of ``shape``, its timesteps and text conditioning."""
+    latents = torch.randn(shape, generator=gen, device=device)
+    conditioning = torch.randn(shape[0], 77, unet.config.cross_attention_dim, generator=gen, device=device)
+    timesteps = torch.randint(0, 1000, (shape[0],), generator=gen, device=device)
+    return latents, timesteps, conditioning
+
+
+def forward_backward(unet, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> None:
+    """The UNet's forward under the run's autocast, an MSE against the latents, and its backward."""
+    latents, timesteps, conditioning = inputs
+    with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        prediction = unet(latents, timesteps, conditioning, return_dict=False)[0]
+    F.mse_loss(prediction.float(), latents).backward()
+
+
 def floor_times(unet, shapes: list[torch.Size], dtype: torch.dtype, device: torch.device, warmup: int) -> list[tuple[float, float]]:
     """Per-step (wall, CPU) times of the least a step can cost on ``unet`` as trained (its LoRA layers
     are what requires grad), one step per latent batch shape of the run, in its order:
@@ -139,13 +155,9 @@ def floor_times(unet, shapes: list[torch.Size], dtype: torch.dtype, device: torc
     unet.train()
     times = []
     for shape in shapes:
-        latents = torch.randn(shape, generator=gen, device=device)
-        conditioning = torch.randn(shape[0], 77, unet.config.cross_attention_dim, generator=gen, device=device)
-        timesteps = torch.randint(0, 1000, (shape[0],), generator=gen, device=device)
+        inputs = random_inputs(unet, shape, device, gen)
         started = stamp(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = unet(latents, timesteps, conditioning, return_dict=False)[0]
-        F.mse_loss(prediction.float(), latents).backward()
+        forward_backward(unet, inputs, dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ended = stamp(device)
@@ -177,14 +189,9 @@ def step_flops(unet, shape: torch.Size, dtype: torch.dtype, device: torch.device
     if checkpointing:
         unet.disable_gradient_checkpointing()
 
-    gen = torch.Generator(device).manual_seed(0)
-    latents = torch.randn(shape, generator=gen, device=device)
-    conditioning = torch.randn(shape[0], 77, unet.config.cross_attention_dim, generator=gen, device=device)
-    timesteps = torch.randint(0, 1000, (shape[0],), generator=gen, device=device)
+    inputs = random_inputs(unet, shape, device, torch.Generator(device).manual_seed(0))
     with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = unet(latents, timesteps, conditioning, return_dict=False)[0]
-        F.mse_loss(prediction.float(), latents).backward()
+        forward_backward(unet, inputs, dtype)
     unet.zero_grad(set_to_none=True)
     if checkpointing:
         unet.enable_gradient_checkpointing()
