@@ -126,6 +126,6 @@ def warn_gradless_layers_at_first_step(optimizer: torch.optim.Optimizer, models,
         if dead and say:
             print(f"sdtune: warning: {len(dead)} of {len(layers)} adapter layers got no gradient in step 1, so training "
                   f"cannot change them, e.g. {', '.join(dead[:2])}. Something cuts them off from the loss (a compiled "
-                  "model, a hook, a layer the model does not use); stop the run and check (docs/benchmarks.md)", file=sys.stderr)
+                  "model, a hook, a layer the model does not use); stop the run and check (docs/reliability.md)", file=sys.stderr)
 
     handle = optimizer.register_step_pre_hook(check)
