@@ -155,9 +155,9 @@ class SdxlTextEncoders(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return encode_sdxl_prompts(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
 
-    def gradient_checkpointing_enable(self) -> None:
-        self.text_encoder.gradient_checkpointing_enable()
-        self.text_encoder_2.gradient_checkpointing_enable()
+    def activation_checkpointing_enable(self) -> None:
+        self.text_encoder.activation_checkpointing_enable()
+        self.text_encoder_2.activation_checkpointing_enable()
 
 
 def unused_text_encoder_modules(module: torch.nn.Module | None, trained: str = "both") -> list[str]:

@@ -151,7 +151,7 @@ def trainable_rows(unet, text_encoder, device: torch.device, weight_dtype: torch
         row.requires_grad_(True)
     if gradient_checkpointing:  # the rows' gradient passes back through both
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
+        text_encoder.activation_checkpointing_enable()
     return [{"params": rows, "lr": learning_rate}]
 
 

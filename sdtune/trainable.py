@@ -74,7 +74,7 @@ def make_trainable(
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable()
+            text_encoder.activation_checkpointing_enable()
     groups = [{"params": trainable_parameters(unet), "lr": learning_rate}]
     if text_encoder is not None:
         groups.append({"params": trainable_parameters(text_encoder), "lr": text_encoder_learning_rate or learning_rate})

@@ -74,6 +74,9 @@ def comfyui_reads(tensors: dict, embed_key: str, width: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sd1_run(tiny_eps, tmp_path_factory):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a module fixture runs before conftest's per-test reset
     tmp = tmp_path_factory.mktemp("ti")
     result = train(load_recipe(RECIPE, _sets(tiny_eps, _data(tmp), tmp / "out")))
     return tiny_eps, result
