@@ -122,7 +122,13 @@ def warn_gradless_layers_at_first_step(optimizer: torch.optim.Optimizer, models,
 
     def check(_optimizer, _args, _kwargs) -> None:
         handle.remove()
-        dead = [name for name, params in layers.items() if all(p.grad is None or not p.grad.any() for p in params)]
+        alive = [any(p.grad is not None and bool(p.grad.any()) for p in params) for params in layers.values()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Sharded (FSDP), each process holds the gradients of its slice of the weights only.
+            flags = torch.tensor(alive, dtype=torch.int32, device=next(iter(layers.values()))[0].device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            alive = flags.bool().tolist()
+        dead = [name for name, live in zip(layers, alive) if not live]
         if dead and say:
             print(f"sdtune: warning: {len(dead)} of {len(layers)} adapter layers got no gradient in step 1, so training "
                   f"cannot change them, e.g. {', '.join(dead[:2])}. Something cuts them off from the loss (a compiled "

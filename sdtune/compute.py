@@ -106,14 +106,17 @@ def make_accelerator(mixed_precision: str, accumulation: int, logger: str, out_d
 
 
 def _check_engine(accelerator: Accelerator) -> None:
-    """FSDP and DeepSpeed are refused until a run under them is proven (docs/distributed.md).
-    accelerate builds their plugin when asked, then runs plain DDP where the engine
-    cannot run (FSDP on CPU processes), without a word; say so."""
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    """FSDP (version 1, torch's FullyShardedDataParallel) runs; FSDP2 and DeepSpeed are
+    refused until a run under them is proven (docs/distributed.md). accelerate builds
+    their plugin when asked, then runs plain DDP where the engine cannot run (FSDP on CPU
+    processes), without a word; say so."""
+    fsdp2 = accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 1
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or fsdp2:
+        engine = "FSDP2 (fsdp_version: 2)" if fsdp2 else accelerator.distributed_type.value
         raise UserError(
-            f"accelerate runs {accelerator.distributed_type.value}, which sdtune does not support yet: writing the results "
-            "and checkpoints of sharded weights is not proven. Train with DDP (recipes/accelerate/multi_gpu.yaml, or "
-            "--processes N); docs/distributed.md says what each GPU then holds")
+            f"accelerate runs {engine}, which sdtune does not support yet: writing the results and checkpoints of "
+            "its sharded weights is not proven. Train with FSDP version 1 (recipes/accelerate/fsdp.yaml) or DDP "
+            "(recipes/accelerate/multi_gpu.yaml, or --processes N); docs/distributed.md says what each GPU then holds")
     for engine, variable in ((DistributedType.FSDP, "ACCELERATE_USE_FSDP"), (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED")):
         asked = os.environ.get(variable, "").lower() in ("1", "true", "yes")
         if asked and accelerator.distributed_type != engine and accelerator.is_local_main_process:

@@ -57,8 +57,8 @@ def preview_grid(
     across steps. ``base_row``: first a row with the LoRA switched off, the base
     model, for the same seeds. The VAE and text encoder(s) come to ``device`` and go back."""
     rng = training_state.rng_states()
-    homes = {module: next(module.parameters()).device for module in (parts.vae, text_encoder)}
-    pipe = preview_pipeline(parts, unet, text_encoder.to(device), parts.vae.to(device))
+    homes = {module: next(module.parameters()).device for module in (parts.vae, text_encoder, unet)}  # under FSDP a gathered UNet is on the CPU
+    pipe = preview_pipeline(parts, unet.to(device), text_encoder.to(device), parts.vae.to(device))
     pipe.set_progress_bar_config(disable=True)
 
     def row() -> list[Image.Image]:

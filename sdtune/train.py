@@ -61,6 +61,7 @@ from sdtune.run_report import (
     warn_unchanged_layers,
 )
 from sdtune.samplers import default_cfg_rescale, make_sampler, sampling_config
+from sdtune.sharded import ModelView, clip_gradients, stored_dtype
 from sdtune.sdxl import text_encoders
 from sdtune.textual_inversion import add_embedding
 from sdtune.tiny import clip_tokenizer
@@ -98,7 +99,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     folder.check(out.overwrite, resume_run)  # another run's files are never replaced silently
     accelerator = make_accelerator(opt.mixed_precision, opt.gradient_accumulation_steps, opt.logger, out_dir, opt.seed, opt.deterministic,
                                    opt.compile)  # an impossible precision, or precision and compile pair, stops here
-    device, weight_dtype, is_main = accelerator.device, DTYPES[opt.mixed_precision], accelerator.is_local_main_process
+    device, weight_dtype, is_main = accelerator.device, stored_dtype(accelerator, DTYPES[opt.mixed_precision]), accelerator.is_local_main_process
     train_te = recipe.trains_text_encoder
 
     # The scan, before the model loads (DreamBooth class images a folder lacks are drawn first): every file
@@ -133,10 +134,10 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         optimizer, opt.lr_scheduler, opt.lr_warmup_steps * accelerator.num_processes,
         opt.max_steps * accelerator.num_processes, opt.lr_num_cycles, opt.lr_power)
     order, loader = make_loader(dataset, [i.crop.bucket for i in plan.train], opt.batch_size, opt.seed, data.num_workers, accelerator)
-    trained = [unet, text_encoder] if train_te else [unet]
-    *trained, optimizer, lr_scheduler = prepare_models(accelerator, trained, optimizer, lr_scheduler)  # a frozen UNet is not wrapped
+    view = ModelView({"unet": unet} | ({"text_encoder": text_encoder} if train_te else {}), optimizer, accelerator)  # whole models, FSDP too
+    *trained, optimizer, lr_scheduler = prepare_models(accelerator, list(view.models.values()), optimizer, lr_scheduler)  # a frozen UNet is not wrapped
     unet, encoder = trained[0], trained[1] if train_te else text_encoder  # what the loop runs
-    models = {"unet": accelerator.unwrap_model(unet)} | ({"text_encoder": accelerator.unwrap_model(trained[1])} if train_te else {})
+    models = view.attach(trained)
     step_unet = torch.compile(unet, backend="inductor" if opt.compile is True else opt.compile) if opt.compile else unet  # steps only
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = parts.noise_scheduler
@@ -149,7 +150,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if preview.prompts:
         make_sampler(preview.sampler, preview_schedule)  # a sampler that cannot run this model fails now, not at step 100
     cfg_rescale = preview.cfg_rescale if preview.cfg_rescale is not None else default_cfg_rescale(model.zero_terminal_snr)
-    position, history = training_state.start_or_resume(resume_from, recipe.model_dump(mode="json"), models, ema, accelerator)
+    position, history = training_state.start_or_resume(resume_from, recipe.model_dump(mode="json"), view, ema, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers(out.name, config=flat_config(recipe.model_dump(mode="json")))
     spec = ResultSpec(
@@ -182,7 +183,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                     continue
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and opt.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+                    clip_gradients(accelerator, params, opt.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -201,10 +202,10 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                                         recipe.validation.timesteps, recipe.validation.seed, device)
                 validation.append((step, per_t))
                 accelerator.log({"val/loss": sum(per_t.values()) / len(per_t)} | {f"val/loss_t{t}": v for t, v in per_t.items()}, step=step)
-            if preview.prompts and accelerator.is_main_process and (step % preview.every_steps == 0 or step == opt.max_steps):
-                image = preview_grid(parts, models["unet"], models.get("text_encoder", text_encoder), make_sampler(preview.sampler, preview_schedule),
+            if preview.prompts and (step % preview.every_steps == 0 or step == opt.max_steps) and (drawn := view.for_preview(ema, params))[0]:
+                image = preview_grid(parts, drawn[0]["unet"], drawn[0].get("text_encoder", text_encoder), make_sampler(preview.sampler, preview_schedule),
                                      preview.prompts, preview.steps, preview.cfg, cfg_rescale, preview.seed,
-                                     preview.size or data.resolution, device, accelerator.autocast, ema, params,
+                                     preview.size or data.resolution, device, accelerator.autocast, drawn[1], params,
                                      base_row=preview.base_row and opt.method == "lora")
                 history["previews"].append((step, str(save_preview(image, folder, step, accelerator.trackers))))
             due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
@@ -212,20 +213,21 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             if (due and step < opt.max_steps) or signalled is not None:
                 here = training_state.Position(step, epoch, batch_in_epoch, accelerator.step, folder.record.run_id if folder.record else "",
                                                accelerator.num_processes)
-                saved, kept = training_state.save_state(folder.checkpoints, here, models, ema, accelerator,
+                saved, kept = training_state.save_state(folder.checkpoints, here, view, ema, accelerator,
                                                         recipe.to_json(), ckpt.keep_last, params, NAN_ADVICE, history)
+                written = write_result_with_ema(folder.step_stem(step), spec, view, ema, params, parts, step, plan.images) if ckpt.export else []
                 if accelerator.is_main_process:
-                    written = write_result_with_ema(folder.step_stem(step), spec, models, ema, params, parts, step, plan.images) if ckpt.export else []
                     keep_step_exports(folder, kept, written)
                 if signalled is not None:
                     stopped_by = signalled
                     break
     bar.close()
     accelerator.wait_for_everyone()
+    written = write_result_with_ema(folder.stem, spec, view, ema, params, parts, step, plan.images) if stopped_by is None else []
+    models = view.skeletons or models  # under FSDP (main process): the weights just written, gathered
     result = TrainResult(results[0], floats(losses), caches.latent_stats, caches.text_stats, models["unet"],
                          models.get("text_encoder", text_encoder), step, stopped_by, validation)
     if stopped_by is None and accelerator.is_main_process:  # the results
-        written = write_result_with_ema(folder.stem, spec, models, ema, params, parts, step, plan.images)
         if opt.method == "lora":
             warn_unchanged_layers(written[0])
         finish(written, folder, recipe.to_yaml(), parts, model.prediction_type, model.zero_terminal_snr,

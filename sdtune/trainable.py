@@ -81,15 +81,19 @@ def make_trainable(
     return groups
 
 
-def write_result_with_ema(stem: Path, spec: ResultSpec, models: dict, ema, params: list, parts, steps: int, num_images: int) -> list[Path]:
-    """The result at ``stem``, with the EMA weights when EMA is on; the training weights are left as they were."""
-    if ema is not None:
+def write_result_with_ema(stem: Path, spec: ResultSpec, view, ema, params: list, parts, steps: int, num_images: int) -> list[Path]:
+    """The result at ``stem``, with the EMA weights when EMA is on; the training weights are left as
+    they were. Every process calls it (``view``, a ``sharded.ModelView``, gathers sharded weights);
+    the main one writes and returns the paths written, the others []."""
+    swap = ema is not None and (view.sharded or view.accelerator.is_main_process)  # sharded: every slice
+    if swap:
         ema.store(params)
         ema.copy_to(params)
     try:
-        return write_result(stem, spec, models["unet"], models.get("text_encoder"), parts, steps, num_images)
+        models = view.whole()
+        return write_result(stem, spec, models["unet"], models.get("text_encoder"), parts, steps, num_images) if models else []
     finally:
-        if ema is not None:
+        if swap:
             ema.restore(params)
 
 

@@ -8,6 +8,10 @@ process's RNG (``random_states_<rank>.pkl``). sdtune adds the trainable weights
 the EMA weights
 (``ema.pt``), where in the data order the run was and which run it belongs to
 (``position.json``), the recipe, and the history so far (for report.html).
+Under FSDP the weights, optimizer state and EMA weights are sharded: accelerate
+writes each process's slice of the model and optimizer (``pytorch_model_fsdp_0/``,
+``optimizer_0/``, torch's distributed checkpoint format) and each process its EMA
+slice (``ema_<rank>.pt``); there is no ``trainable.safetensors``.
 Resuming continues the same trajectory, bit for bit on CPU: a run interrupted
 at step N and resumed ends with the weights of an uninterrupted one.
 
@@ -26,11 +30,11 @@ import pickle
 import shutil
 import signal
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import MODEL_NAME, broadcast_object_list
 from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -40,6 +44,7 @@ from sdtune.errors import RecipeError, UserError
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "position.json", "recipe.json", "optimizer.bin")
+SHARDED_FILES = (f"{MODEL_NAME}_fsdp_0", "position.json", "recipe.json", "optimizer_0")  # accelerate's FSDP folders
 OLD_FORMAT = "states.pt"  # the single-process format of sdtune before accelerate wrote the engine state
 
 
@@ -53,6 +58,7 @@ class Position:
     micro_steps: int  # accelerate's accumulation counter, so accumulation boundaries line up
     run_id: str = ""  # the run the checkpoint belongs to ("" in checkpoints of older sdtune)
     processes: int = 1  # how many processes shared the data order
+    sharded: bool = False  # written under FSDP: the weights are accelerate's sharded files
 
 
 def save_checkpoint(
@@ -126,21 +132,32 @@ def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict
     """Position, trainable weights, recipe and history of a checkpoint folder; the
     engine's files are accelerate's to read."""
     path = Path(path)
-    missing = [name for name in FILES if not (path / name).is_file()]
+    position = _read_position(path)
+    missing = [name for name in (SHARDED_FILES if position.sharded else FILES) if not (path / name).exists()]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); resume from another one")
     if (path / OLD_FORMAT).is_file():
         raise UserError(f"checkpoint {path} was written by an older sdtune (it has {OLD_FORMAT}); finish that run with "
                         "the sdtune that started it, or start this one afresh")
     try:
-        position = Position(**json.loads((path / "position.json").read_text(encoding="utf-8")))
-        trainable = load_file(path / "trainable.safetensors")
+        trainable = {} if position.sharded else load_file(path / "trainable.safetensors")
         recipe = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
         history_file = path / "history.json"
         history = json.loads(history_file.read_text(encoding="utf-8")) if history_file.is_file() else {}
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise _unreadable(path, exc) from None
     return position, trainable, recipe, history
+
+
+def _read_position(path: Path) -> Position:
+    try:
+        return Position(**json.loads((path / "position.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _ema_file(path: Path, sharded: bool, process_index: int) -> Path:
+    return Path(path) / (f"ema_{process_index}.pt" if sharded else "ema.pt")
 
 
 def _unreadable(path: Path, exc: Exception) -> UserError:
@@ -153,14 +170,17 @@ def trainable_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Ten
 
 
 def save_state(
-    root: Path, position: Position, models: dict, ema, accelerator, recipe_json: str,
+    root: Path, position: Position, view, ema, accelerator, recipe_json: str,
     keep_last: int, params: list[torch.nn.Parameter], nan_advice: str, history: dict | None = None,
 ) -> tuple[Path | None, list[Path]]:
     """Every process calls it: each writes its share through accelerate into one temp
-    folder, then the main one adds sdtune's files and publishes it. Refuses to save
-    non-finite weights. Returns the checkpoint and the run's kept checkpoints (main
-    process; else None, [])."""
-    if not all(torch.isfinite(p).all() for p in params):
+    folder, then the main one adds sdtune's files and publishes it (``view``: a
+    ``sharded.ModelView`` of the trained models). Refuses to save non-finite weights.
+    Returns the checkpoint and the run's kept checkpoints (main process; else None, [])."""
+    from sdtune.compute import highest_on_any_process
+
+    position = replace(position, sharded=view.sharded)
+    if highest_on_any_process(int(not all(torch.isfinite(p).all() for p in params)), accelerator):  # any process's slice
         raise FloatingPointError(f"non-finite weights at step {position.step}; no checkpoint written. {nan_advice}")
     final = Path(root) / f"{PREFIX}{position.step:08d}"
     tmp = [str(atomic.tmp_beside(final))] if accelerator.is_main_process else [None]
@@ -171,17 +191,21 @@ def save_state(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    # accelerate would write the whole models; sdtune writes only what trains.
+    # accelerate would write the whole models; sdtune writes only what trains (under FSDP
+    # accelerate writes each process's slice of the model, frozen weights included).
     hook = accelerator.register_save_state_pre_hook(lambda _models, weights, _dir: weights.clear())
     try:
         accelerator.save_state(str(tmp))
     finally:
         hook.remove()
+    if ema is not None and view.sharded:
+        torch.save(ema.state_dict(), _ema_file(tmp, True, accelerator.process_index))
     accelerator.wait_for_everyone()
     saved, kept = None, []
     if accelerator.is_main_process:
-        saved, kept = save_checkpoint(root, position, trainable_tensors(models), recipe_json, keep_last,
-                                      history, ema.state_dict() if ema is not None else None, tmp)
+        trainable = None if view.sharded else view.trainable_state()
+        ema_state = ema.state_dict() if ema is not None and not view.sharded else None
+        saved, kept = save_checkpoint(root, position, trainable, recipe_json, keep_last, history, ema_state, tmp)
     accelerator.wait_for_everyone()
     return saved, kept
 
@@ -191,21 +215,29 @@ def save_state(
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "checkpoint", "output", "data.num_workers")
 
 
-def start_or_resume(path: Path | None, recipe: dict, models: dict, ema, accelerator) -> tuple[Position, dict]:
+def start_or_resume(path: Path | None, recipe: dict, view, ema, accelerator) -> tuple[Position, dict]:
     """Where the run starts: step 0 with no history, or the checkpoint at ``path`` loaded
     into it (see ``resume_state``), which the main process says."""
     if path is None:
         return Position(step=0, epoch=0, batch_in_epoch=0, micro_steps=0), {}
-    position, history = resume_state(path, recipe, models, ema, accelerator)
+    position, history = resume_state(path, recipe, view, ema, accelerator)
     if accelerator.is_local_main_process:
         print(f"sdtune: resumed from {path} at step {position.step}")
     return position, history
 
 
-def resume_state(path: Path, recipe: dict, models: dict, ema, accelerator) -> tuple[Position, dict]:
+def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Position, dict]:
     """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a
-    changed one). Returns where the run is and its history so far."""
+    changed one; ``view``: a ``sharded.ModelView`` of the trained models). Returns where
+    the run is and its history so far."""
+    from sdtune.sharded import is_sharded
+
     position, trainable, saved_recipe, history = load_checkpoint(path)
+    if position.sharded != is_sharded(accelerator):
+        raise UserError(
+            f"checkpoint {path} was written {'under' if position.sharded else 'without'} FSDP, and this run "
+            f"{'does not use' if position.sharded else 'uses'} it: FSDP's checkpoints hold each process's slice of the "
+            "weights. Resume with the accelerate config (--config_file) the run was started with")
     changes = recipe_changes(saved_recipe, recipe, RESUMABLE_CHANGES)
     if changes:
         raise RecipeError(f"the recipe differs from the checkpoint's ({path}):\n  " + "\n  ".join(changes))
@@ -214,20 +246,23 @@ def resume_state(path: Path, recipe: dict, models: dict, ema, accelerator) -> tu
             f"checkpoint {path} was written by a run of {position.processes} process(es); this one has "
             f"{accelerator.num_processes}, which would change the batch order and the effective batch. Resume it with "
             f"{position.processes} process(es) (bash launch.sh train RECIPE --processes {position.processes} --resume latest)")
-    current = trainable_tensors(models)
-    if current.keys() != trainable.keys():
-        raise RecipeError(f"checkpoint {path} holds other trainable weights than this recipe creates")
-    with torch.no_grad():
-        for name, value in trainable.items():
-            current[name].copy_(value)
+    if not position.sharded:  # sharded, accelerate loads each process's slice of the weights below
+        current = trainable_tensors(view.unwrapped)
+        if current.keys() != trainable.keys():
+            raise RecipeError(f"checkpoint {path} holds other trainable weights than this recipe creates")
+        with torch.no_grad():
+            for name, value in trainable.items():
+                current[name].copy_(value)
     hook = accelerator.register_load_state_pre_hook(lambda models, _dir: models.clear())  # the weights are loaded above
     try:  # optimizer, schedule, grad scaler and this process's RNG
         # accelerate passes over an RNG file it cannot read with a log line; resuming would
         # then silently leave the trajectory, so read it first and stop instead.
         accelerate_load(Path(path) / f"random_states_{accelerator.process_index}.pkl")
         accelerator.load_state(str(path))
+        if position.sharded:
+            view.load_optimizer(path)
         if ema is not None:
-            ema.load_state_dict(torch.load(Path(path) / "ema.pt", weights_only=True))
+            ema.load_state_dict(torch.load(_ema_file(path, position.sharded, accelerator.process_index), weights_only=True))
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
         raise _unreadable(Path(path), exc) from None
     finally:

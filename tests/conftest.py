@@ -38,7 +38,8 @@ def cpu_processes(count: int, *script: str) -> tuple[list[str], dict[str, str]]:
 LONGEST = ("test_distributed.py::test_two_processes", "test_recipes.py::test_shipped_recipe_runs", "test_demo.py::",
            "test_train.py::test_sigterm", "test_sdxl_train.py::test_sdxl_lora_run", "test_reliability.py::test_a_killed",
            "test_textual_inversion.py::test_two_processes", "test_data_pipeline.py::test_sdtune_cache_under_accelerate",
-           "test_tiny_base_draws.py::", "test_export_cli.py::test_sdxl_files", "test_benchmarks.py::test_training_benchmark")
+           "test_tiny_base_draws.py::", "test_export_cli.py::test_sdxl_files", "test_benchmarks.py::test_training_benchmark",
+           "test_fsdp.py::test_fsdp_")
 
 
 def pytest_collection_modifyitems(items):

@@ -138,13 +138,19 @@ def test_an_engine_accelerate_drops_on_cpu_is_said(monkeypatch, capsys, tmp_path
     assert "warning" not in capsys.readouterr().err
 
 
-def test_fsdp_and_deepspeed_are_refused_until_proven():
+def test_fsdp2_and_deepspeed_are_refused_until_proven_fsdp1_runs():
+    """tests/test_fsdp.py proves FSDP1 on CPU processes; FSDP2 and DeepSpeed are not proven."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     from sdtune.compute import _check_engine
 
-    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(UserError, match=f"accelerate runs {engine.value}, which sdtune does not support yet.*multi_gpu.yaml"):
-            _check_engine(SimpleNamespace(distributed_type=engine, is_local_main_process=True))
+    def accelerator(engine, version=1):
+        return SimpleNamespace(distributed_type=engine, is_local_main_process=True,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+
+    for engine, version, said in ((DistributedType.FSDP, 2, r"FSDP2 \(fsdp_version: 2\)"), (DistributedType.DEEPSPEED, 1, "DEEPSPEED")):
+        with pytest.raises(UserError, match=f"accelerate runs {said}, which sdtune does not support yet.*fsdp.yaml.*multi_gpu.yaml"):
+            _check_engine(accelerator(engine, version))
+    _check_engine(accelerator(DistributedType.FSDP))

@@ -79,10 +79,10 @@ def test_fsdp_config_reaches_the_plugin_as_written():
     args, _, _ = _launch_args(CONFIGS / "fsdp.yaml")
     env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "1"
-    # Off, or transformers would load the (unsharded) text encoder's weights on rank 0 only.
-    assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false" and env["FSDP_SYNC_MODULE_STATES"] == "true"
-    # The plugin refuses sync_module_states on a machine without a GPU; the rest is built as on one.
-    with mock.patch.dict(os.environ, env | {"FSDP_SYNC_MODULE_STATES": "false"}, clear=True):
+    # Off, or transformers would load the (unsharded) text encoder's weights on rank 0 only;
+    # sdtune broadcasts the trained weights itself (sync_module_states, which torch refuses on CPU).
+    assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false" and env["FSDP_SYNC_MODULE_STATES"] == "false"
+    with mock.patch.dict(os.environ, env, clear=True):
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 1
     assert plugin.sharding_strategy.name == "FULL_SHARD"
@@ -92,7 +92,7 @@ def test_fsdp_config_reaches_the_plugin_as_written():
     benchmark = _benchmark()
     for arch in ("sd_v1", "sd_v2"):  # accelerate wraps by class name; a missing one stops prepare()
         unet = benchmark.meta_unet(arch)
-        with mock.patch.dict(os.environ, env | {"FSDP_SYNC_MODULE_STATES": "false"}, clear=True):
+        with mock.patch.dict(os.environ, env, clear=True):
             plugin = FullyShardedDataParallelPlugin()
         plugin.set_auto_wrap_policy(unet)
         assert sorted(c.__name__ for c in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]) == sorted(UNET_BLOCKS)

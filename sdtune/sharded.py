@@ -1,0 +1,228 @@
+"""Whole models out of sharded training (FSDP), for what needs every weight at once:
+the result files, step exports and previews.
+
+Under FSDP each process holds a slice of every trained weight, so the modules the
+run trains cannot be written or drawn from as they are. Before they are wrapped,
+``ModelView`` takes a skeleton of each trained model (its structure, with the
+parameters on the meta device: no memory); when a whole model is needed, every
+process takes part in gathering the full state dict (torch's
+``get_model_state_dict``: on GPUs the full weights come to the main process's CPU
+memory) and the main
+process loads it into the skeleton. Without sharding (one process, DDP) the view
+is the unwrapped models themselves and nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from sdtune.errors import UserError
+
+
+DDP_INSTEAD = "train without FSDP: on one process, or with DDP (recipes/accelerate/multi_gpu.yaml, or launch.sh train --processes N)"
+
+
+# What torch says each time FSDP1's state dicts are taken: the API is being replaced by
+# FSDP2's (which sdtune does not use yet, docs/distributed.md); nothing a user can act on.
+TORCH_NOTICES = (
+    "Please use DTensor instead and we are deprecating ShardedTensor",
+    r"FSDP.state_dict_type\(\) and FSDP.set_state_dict_type\(\) are being deprecated",
+    "`load_state_dict` is deprecated",
+    "`_get_pg_default_device` will be deprecated",
+    "Multiple backends are registered with this ProcessGroup",
+)
+
+
+def is_sharded(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+# Optimizers whose update is elementwise and whose state has the parameters' shapes, so
+# they do on each process's flat slice of the weights what they would on the whole.
+SHARDABLE_OPTIMIZERS = {"AdamW": "adamw", "Lion": "lion"}
+UNSHARDABLE_OPTIMIZERS = {  # class -> (recipe name, why)
+    "AdamW8bit": ("adamw8bit", "its 8-bit state is quantized in blocks that do not follow the parameters' shapes, "
+                  "which FSDP's sharded checkpoints cannot hold (the first checkpoint fails)"),
+    "Adafactor": ("adafactor", "it factors the state of 2-D weights, and FSDP hands it flat 1-D slices: it would "
+                  "silently run unfactored, a different optimizer"),
+    "Prodigy": ("prodigy", "it sets its step size from sums over all parameters, which each process would take "
+                "over its own slice only"),
+}
+
+
+def _check_shardable(models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    """What sdtune shards: the UNet, alone, with weights that train, with an optimizer that
+    works on slices."""
+    kind = type(optimizer).__name__
+    if kind not in SHARDABLE_OPTIMIZERS:
+        name, why = UNSHARDABLE_OPTIMIZERS.get(kind, (kind, "it is not known to work on FSDP's flat slices"))
+        raise UserError(f"train.optimizer: {name} cannot train under FSDP: {why}. Set train.optimizer: adamw (under "
+                        f"FSDP each GPU holds 1/N of its state: docs/distributed.md) or lion, or {DDP_INSTEAD}")
+    if not any(p.requires_grad for p in models["unet"].parameters()):
+        raise UserError("FSDP shards the weights that train, and this run trains none of the UNet's (textual inversion "
+                        f"trains rows of the text encoder's embedding): {DDP_INSTEAD}")
+    if len(models) > 1:
+        raise UserError(
+            "under FSDP sdtune trains the UNet only: accelerate saves an FSDP optimizer's state with the first model "
+            "alone, so the checkpoints of a run that also trains the text encoder would lose its part. Set "
+            f"lora.text_encoder: false (LoRA) or train.full_text_encoder: false (full fine-tune), or {DDP_INSTEAD}")
+
+
+def skeleton(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters are on the meta device (no memory) and whose
+    buffers are CPU copies (they are small, and non-persistent ones are in no state dict)."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    memo |= {id(b): b.detach().to("cpu", copy=True) for b in module.buffers()}
+    return copy.deepcopy(module, memo)
+
+
+class ModelView:
+    """The trained models (``{"unet": ..., "text_encoder": ...}``) as whole modules. Build it
+    before ``accelerator.prepare``; call ``attach`` with the prepared models after it."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], optimizer, accelerator):
+        self.accelerator, self.models = accelerator, models
+        self.sharded = is_sharded(accelerator)
+        if self.sharded:
+            _check_shardable(models, optimizer)
+            for notice in TORCH_NOTICES:
+                warnings.filterwarnings("ignore", message=notice)
+        self.skeletons = {name: skeleton(m) for name, m in models.items()} if self.sharded else {}
+        self.prepared: dict[str, torch.nn.Module] = {}  # set by attach
+        self.unwrapped: dict[str, torch.nn.Module] = {}
+        self.optimizer = optimizer
+        if self.sharded and accelerator.num_processes > 1:
+            # Every process starts from the main process's trained weights, as DDP makes them (a
+            # LoRA's random init is seeded per process); FSDP then keeps each process's slice.
+            # (FSDP's sync_module_states would too, but torch refuses it for CPU processes.)
+            with torch.no_grad():
+                for module in models.values():
+                    for param in module.parameters():
+                        if param.requires_grad:
+                            torch.distributed.broadcast(param.data, src=0)
+
+    def attach(self, prepared: list[torch.nn.Module]) -> dict[str, torch.nn.Module]:
+        """Record the prepared models (in the order of ``models``); returns them unwrapped (the
+        modules the run trains: under FSDP each holds its process's slice of the weights)."""
+        self.prepared = dict(zip(self.models, prepared, strict=True))
+        self.unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.prepared.items()}
+        return self.unwrapped
+
+    def load_optimizer(self, checkpoint: Path) -> None:
+        """Load the optimizer's sharded state from ``checkpoint`` (every process). accelerate
+        1.16 loads it into a template taken from the optimizer, which holds no state before
+        the first step, so nothing is loaded, without a word, and a resumed run restarts
+        AdamW's moments; torch's loader for FSDP optimizer state takes the template from
+        the checkpoint's own metadata."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import StateDictType
+
+        model, optimizer = self.prepared["unet"], self.optimizer
+        with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+            state = load_sharded_optimizer_state_dict(model_state_dict=model.state_dict(), optimizer_key="optimizer",
+                                                      storage_reader=dcp.FileSystemReader(str(Path(checkpoint) / "optimizer_0")))
+            optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
+
+    def whole(self) -> dict[str, torch.nn.Module] | None:
+        """The models with all their current weights, on the main process (None on the
+        others). Sharded, every process must call it at the same point of the run."""
+        if not self.sharded:
+            return self.unwrapped if self.accelerator.is_main_process else None
+        gathered = self._gather()
+        if gathered is None:
+            return None
+        for name, state in gathered.items():
+            self.skeletons[name].load_state_dict(state, strict=True, assign=True)
+        return self.skeletons
+
+    def for_preview(self, ema, params: list[torch.nn.Parameter]):
+        """``(models, ema)`` to draw previews with, on the main process, ``(None, None)`` on the
+        others. ``ema`` is what ``evaluation.preview_grid`` swaps the EMA weights in with: the
+        run's EMA model, or, sharded, one that loads the gathered EMA weights into the gathered
+        models (every process takes part in gathering both)."""
+        if not self.sharded:
+            return (self.unwrapped, ema) if self.accelerator.is_main_process else (None, None)
+        ema_weights = None
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+            try:
+                ema_weights = self._gather()
+            finally:
+                ema.restore(params)
+        models = self.whole()
+        if models is None:
+            return None, None
+        return models, _SwapIn(models, ema_weights) if ema_weights is not None else None
+
+    def _gather(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """Every process: the full state dicts of the prepared models, on the main process."""
+        # torch's gather, as accelerate's get_state_dict, but that offloads to the CPU even on CPU
+        # processes, where FSDP then frees the storage it returns (a crash; torch 2.13).
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.accelerator.device.type != "cpu")  # offload: main only
+        gathered = {name: get_model_state_dict(m, options=options) for name, m in self.prepared.items()}  # collective
+        return gathered if self.accelerator.is_main_process else None
+
+    def trainable_state(self) -> dict[str, torch.Tensor] | None:
+        """The trainable weights under prefixed names (``unet.<name>``), on the main process;
+        sharded, every process must call it."""
+        models = self.whole()
+        if models is None:
+            return None
+        return {f"{prefix}.{name}": p.detach() for prefix, m in models.items() for name, p in m.named_parameters() if p.requires_grad}
+
+
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Scale the gradients of ``params`` so that their global norm is at most ``max_norm``.
+    Sharded, each process holds the gradients of its own slice of every weight, and each
+    element lives on exactly one process (FULL_SHARD): the squared norms are summed over
+    the processes. (accelerate's ``clip_grad_norm_`` takes FSDP's own only when ``params``
+    are all of one model's parameters, a LoRA's are not, and otherwise clips every process
+    by its own slice's norm.)"""
+    if not is_sharded(accelerator):
+        accelerator.clip_grad_norm_(params, max_norm)
+        return
+    accelerator.unscale_gradients()
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.zeros((), device=accelerator.device, dtype=torch.float32)
+    for grad in grads:
+        squares += grad.detach().float().pow(2).sum()
+    torch.distributed.all_reduce(squares)
+    scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+
+
+def stored_dtype(accelerator, autocast_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the frozen weights are stored in: the autocast dtype (half the memory), except
+    under FSDP, which flattens each unit's weights, frozen and trained, into one tensor of one
+    dtype; they stay fp32 there and FSDP's mixed precision casts them for the computation."""
+    return torch.float32 if is_sharded(accelerator) else autocast_dtype
+
+
+class _SwapIn:
+    """Swaps other weights into gathered models and back, with the calls of diffusers'
+    ``EMAModel`` that ``preview_grid`` makes (``store``, ``copy_to``, ``restore``)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], weights: dict[str, dict[str, torch.Tensor]]):
+        self.models, self.weights, self.kept = models, weights, {}
+
+    def store(self, _params) -> None:
+        self.kept = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in self.models.items()}
+
+    def copy_to(self, _params) -> None:
+        for name, model in self.models.items():
+            model.load_state_dict(self.weights[name], strict=True)  # copied into the tensors, wherever they are
+
+    def restore(self, _params) -> None:
+        for name, model in self.models.items():
+            model.load_state_dict(self.kept[name], strict=True)

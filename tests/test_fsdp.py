@@ -1,0 +1,143 @@
+"""FSDP (recipes/accelerate/fsdp.yaml: FSDP1, FULL_SHARD) on two CPU processes.
+
+accelerate builds its FSDP state only for GPU-like devices; ``tests/fsdp_on_cpu.py``
+lets it do so for CPU processes (gloo) and runs sdtune's trainer unchanged, so torch's
+FullyShardedDataParallel shards the UNet as it would on GPUs. Two processes with batch
+B train the same model as one process with batch B and 2 accumulation steps (the batch
+order is sharded, not changed: tests/test_distributed.py), so the sharded run must end
+where the unsharded one does, with its results, step exports and previews written
+from the gathered weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from accelerate.utils import DistributedType
+from conftest import ACCELERATE, ROOT, free_port
+from PIL import Image
+from safetensors.torch import load_file
+from test_distributed import TOLERANCE, _lora, _max_difference, _recipe
+
+from sdtune.errors import UserError
+from sdtune.optim import make_optimizer
+from sdtune.sharded import ModelView
+from sdtune.train import main
+
+# Clipping by a norm far below the gradients' with AdamW's epsilon above their size makes
+# each step depend on the clipped gradient's scale, so a process that clipped its slice
+# by its own slice's norm (what accelerate's clip_grad_norm_ does for a LoRA under FSDP)
+# would end elsewhere. At rank 64 the tiny model's LoRA weights lie in both processes'
+# slices (at rank 8, all in rank 0's). The high learning rate and the slow EMA make the
+# base, LoRA and EMA rows of the previews visibly different.
+LORA = ("lora.rank=64", "lora.alpha=1024", "train.max_grad_norm=0.01", "train.adam_epsilon=1.0", "train.learning_rate=0.5",
+        "ema.decay=0.99")
+PREVIEWS = ("preview.prompts=[a zwx circle in the center]", "preview.every_steps=10", "preview.steps=4")
+
+
+def _fsdp(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """``sdtune/train.py ARGS`` on two CPU processes under recipes/accelerate/fsdp.yaml."""
+    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text(encoding="utf-8"))
+    config |= {"use_cpu": True, "num_processes": 2, "mixed_precision": "no"}
+    path = tmp_path / "fsdp_cpu.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    command = [str(ACCELERATE), "launch", "-q", "--config_file", str(path), "--main_process_port", str(free_port()),
+               "--dynamo_backend", "no", str(ROOT / "tests" / "fsdp_on_cpu.py"), *args]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "; 2 process(es) on cpu" in run.stdout
+    return run
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_v, small_dataset, tmp_path):
+    cache, stem = tmp_path / "cache", "tiny-demo"
+    one = main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *LORA, *PREVIEWS, "checkpoint.every_steps=10"))
+    one = _lora(one.output)
+
+    run = _fsdp(_recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, *LORA, *PREVIEWS, "checkpoint.every_steps=10"), tmp_path)
+    # The result and the step export, from the gathered weights: kohya names (no FSDP
+    # wrapper in them), whole shapes, the unsharded run's values; written once.
+    two = _lora(tmp_path / "two" / f"{stem}.safetensors")
+    assert _max_difference(two, one) < TOLERANCE, _max_difference(two, one)
+    assert max(t.abs().max().item() for k, t in two.items() if "lora_up" in k) > 100 * TOLERANCE
+    step10 = _lora(tmp_path / "two" / f"{stem}-step000010.safetensors")
+    assert _max_difference(step10, _lora(tmp_path / "one" / f"{stem}-step000010.safetensors")) < TOLERANCE
+    assert run.stdout.count(f"{stem}.safetensors\n") == 1
+    # Previews, raw and EMA rows, drawn from the gathered weights as the unsharded run drew them.
+    for step in (10, 20):
+        drawn = [_pixels(tmp_path / run_dir / "previews" / stem / f"step-{step:06d}.png") for run_dir in ("two", "one")]
+        assert drawn[0].shape == drawn[1].shape and np.abs(drawn[0] - drawn[1]).max() <= 2
+
+    # The checkpoint is the engine's: each process's slice of the weights and optimizer state
+    # (torch's distributed checkpoint), its RNG and its EMA slice; no gathered copy.
+    checkpoint = tmp_path / "two" / "checkpoints" / stem / "step-00000010"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "ema_0.pt", "ema_1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= names
+    assert "trainable.safetensors" not in names and "ema.pt" not in names
+    assert json.loads((checkpoint / "position.json").read_text())["sharded"] is True
+
+    # Resumed from step 10 (a copy of the run folder without its results), it ends where the
+    # uninterrupted run did, bit for bit: weights, AdamW's moments, EMA, RNG and data order.
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    (tmp_path / "resumed" / f"{stem}.safetensors").unlink()
+    copied = tmp_path / "resumed" / "checkpoints" / stem / "step-00000010"
+    args = _recipe(tiny_v, small_dataset, tmp_path / "resumed", cache, 2, 1, *LORA, *PREVIEWS, "checkpoint.every_steps=10")
+    run = _fsdp([*args, "--resume", str(copied)], tmp_path)
+    assert f"resumed from {copied} at step 10" in run.stdout
+    assert "got no gradient" not in run.stderr
+    resumed = _lora(tmp_path / "resumed" / f"{stem}.safetensors")
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
+
+    # Without FSDP the checkpoint cannot be resumed: it holds slices of the weights.
+    with pytest.raises(UserError, match="written under FSDP, and this run does not use it"):
+        main([*_recipe(tiny_v, small_dataset, tmp_path / "resumed", cache, 2, 2, *LORA, *PREVIEWS), "--resume", str(copied)])
+
+
+def test_fsdp_full_finetune_writes_the_gathered_unet_and_clips_by_the_global_norm(tiny_v, small_dataset, tmp_path):
+    """Every weight trains and lies in one process's slice or the other's; a clip by each
+    process's own norm ends 3e-5 away from the unsharded run, the global norm 1e-8."""
+    cache, full = tmp_path / "cache", ("train.method=full", "train.optimizer=adamw", "train.max_steps=10", "ema.enabled=false",
+                                       "train.max_grad_norm=0.01", "train.adam_epsilon=1.0", "train.learning_rate=0.05")
+    one = load_file(main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *full)).output)
+    _fsdp(_recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, *full), tmp_path)
+    two = load_file(tmp_path / "two" / "tiny-demo.safetensors")
+    assert one.keys() == two.keys()
+    unet = [k for k in one if k.startswith("model.diffusion_model.") and one[k].numel()]
+    assert len(unet) > 300
+    assert max((one[k] - two[k]).abs().max().item() for k in unet) < 1e-6
+    base = load_file(next((tiny_v / "unet").glob("*.safetensors")))
+    assert sum(v.numel() for v in base.values()) == sum(one[k].numel() for k in unet)
+
+
+def _view(optimizer: str = "adamw", **models):
+    groups = [{"params": [p for m in models.values() for p in m.parameters() if p.requires_grad], "lr": 1e-3}]
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1)
+    return ModelView(models, make_optimizer(groups, optimizer, (0.9, 0.999), 0.01, 1e-8), accelerator)
+
+
+def test_what_fsdp_cannot_shard_is_refused_before_training():
+    unet, text_encoder = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    with pytest.raises(UserError, match="trains none of the UNet's.*textual inversion"):
+        _view(unet=torch.nn.Linear(4, 4).requires_grad_(False), text_encoder=text_encoder)
+    with pytest.raises(UserError, match="trains the UNet only.*lora.text_encoder: false"):
+        _view(unet=unet, text_encoder=text_encoder)
+    for kind, why in (("adamw8bit", "8-bit state"), ("adafactor", "unfactored"), ("prodigy", "step size")):
+        with pytest.raises(UserError, match=f"train.optimizer: {kind} cannot train under FSDP: .*{why}.*adamw"):
+            _view(kind, unet=unet)
+    for kind in ("adamw", "lion"):  # elementwise, with state of the parameters' shapes
+        view = _view(kind, unet=unet)
+        assert view.sharded and view.skeletons["unet"].weight.device.type == "meta"  # a skeleton holds no memory
+        assert view.skeletons["unet"].weight.requires_grad
