@@ -49,9 +49,10 @@ def finish(written, folder: RunFolder, recipe_yaml: str, parts, prediction_type:
             images: int, step: int, steps: int, elapsed: float, skipped: int, history: dict) -> None:
     """The resolved recipe and report.html beside the results, the run recorded as finished, and where everything is."""
     folder.add(*written, atomic.write_text(folder.recipe, recipe_yaml))
+    peak = peak_gpu_memory()
     summary = {"base model": f"{parts.name} ({parts.base_model_version}, {prediction_type}"
                f"{', zero terminal SNR' if zero_terminal_snr else ''})", "steps": str(step),
-               "images": str(images), "outputs": ", ".join(str(p) for p in written)}
+               "images": str(images), "outputs": ", ".join(str(p) for p in written)} | ({"peak GPU memory": peak} if peak else {})
     previews, validation = [(s, Path(p)) for s, p in history["previews"] if Path(p).is_file()], history["validation"]
     folder.add(atomic.write_text(folder.report, render_report(folder.name, summary, history, validation, previews, recipe_yaml)))
     folder.set_status("finished", step)
@@ -59,10 +60,17 @@ def finish(written, folder: RunFolder, recipe_yaml: str, parts, prediction_type:
         print(f"sdtune: skipped {skipped} batches with a non-finite loss")
     if validation:
         print(f"sdtune: validation loss {sum(validation[-1][1].values()) / len(validation[-1][1]):.4f} at step {validation[-1][0]}")
-    print(f"sdtune: trained {steps} steps in {elapsed:.1f}s ({steps / elapsed:.2f} steps/s)")
+    print(f"sdtune: trained {steps} steps in {elapsed:.1f}s ({steps / elapsed:.2f} steps/s)" + (f"; peak GPU memory {peak}" if peak else ""))
     for path in [*written, folder.report]:
         print(f"sdtune: wrote {path}")
     print(f"sdtune: recipe {folder.recipe}; logs {folder.dir / 'logs' / folder.name}")
+
+
+def peak_gpu_memory() -> str | None:
+    """The most GPU memory this process's tensors held at once ("9.87 GiB"), or None without CUDA."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (main process, {torch.cuda.get_device_name()})"
 
 
 def warn_unchanged_layers(lora_file: Path) -> None:

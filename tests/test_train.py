@@ -762,3 +762,14 @@ def test_compile_runs_the_training_steps_through_torch_compile(tiny_v, small_dat
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-7)
     a, b = read_lora(plain.output)[0], read_lora(compiled.output)[0]
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_the_closing_line_says_the_peak_gpu_memory_on_cuda_only(monkeypatch):
+    from sdtune.run_report import peak_gpu_memory
+
+    assert peak_gpu_memory() is None  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 5 * 2**30 + 2**29)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    assert peak_gpu_memory() == "5.50 GiB (main process, NVIDIA H100 80GB HBM3)"
