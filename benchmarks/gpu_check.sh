@@ -21,22 +21,7 @@ OUT=${OUT:-/tmp/sdtune-gpu-check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sdtune-site .whl/*.whl \
-        || { echo "gpu_check.sh: installing .whl/ failed"; exit 1; }
-    export PYTHONPATH=/tmp/sdtune-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-
-date -u
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
-"$PY" - <<'PY' || { echo "gpu_check.sh: sdtune cannot be imported here; see above"; exit 1; }
-import accelerate, diffusers, peft, torch, transformers
-import sdtune.train  # noqa: F401  (the checkout, from the working directory)
-print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-print("diffusers", diffusers.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)
-PY
+source benchmarks/gpu_setup.sh
 
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
     model=(--model tiny) steps=(--steps 4 --warmup 1) batches=(2 4) compile=aot_eager limit=300

@@ -100,7 +100,8 @@ def make_accelerator(mixed_precision: str, accumulation: int, logger: str, out_d
     _check_engine(accelerator)
     threads, why = set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))  # torchrun's per-machine count
     if accelerator.is_local_main_process:
-        print(f"sdtune: {threads} CPU thread(s) per process ({why}); {accelerator.num_processes} process(es) on {accelerator.device.type}")
+        engine = f", {accelerator.distributed_type.value}" if accelerator.distributed_type != DistributedType.NO else ""  # DDP: MULTI_GPU, MULTI_CPU
+        print(f"sdtune: {threads} CPU thread(s) per process ({why}); {accelerator.num_processes} process(es) on {accelerator.device.type}{engine}")
     set_seed(seed, device_specific=True, deterministic=deterministic)
     return accelerator
 

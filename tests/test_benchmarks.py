@@ -106,6 +106,6 @@ def test_gpu_scripts_parse_and_every_wheel_is_pinned_by_the_run_lock():
     lock = {line.split("==")[0].lower() for line in (ROOT / "requirements" / "run.lock").read_text().splitlines() if "==" in line}
     assert {"diffusers", "transformers", "peft", "accelerate", "pydantic"} <= set(names)
     assert [n for n in names if n.lower() not in lock] == []
-    for script in ("gpu_wheels.sh", "gpu_check.sh"):
+    for script in ("gpu_wheels.sh", "gpu_setup.sh", "gpu_check.sh", "gpu_fsdp.sh"):
         check = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr

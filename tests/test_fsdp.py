@@ -54,7 +54,7 @@ def _fsdp(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
-    assert "; 2 process(es) on cpu" in run.stdout
+    assert "; 2 process(es) on cpu, FSDP" in run.stdout
     return run
 
 
