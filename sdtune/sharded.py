@@ -15,6 +15,7 @@ is the unwrapped models themselves and nothing is gathered.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from pathlib import Path
 
@@ -94,6 +95,10 @@ class ModelView:
         self.sharded = is_sharded(accelerator)
         if self.sharded:
             _check_shardable(models, optimizer)
+            if any(not p.requires_grad for p in models["unet"].parameters()) and accelerator.is_main_process:
+                print("sdtune: note: a LoRA under FSDP trains as without it, but each checkpoint holds the whole UNet "
+                      "(accelerate's FSDP save writes every weight's slice); a LoRA fits one GPU, and DDP "
+                      "(recipes/accelerate/multi_gpu.yaml) keeps its checkpoints small", file=sys.stderr)
             for notice in TORCH_NOTICES:
                 warnings.filterwarnings("ignore", message=notice)
         self.skeletons = {name: skeleton(m) for name, m in models.items()} if self.sharded else {}

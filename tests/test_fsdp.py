@@ -40,7 +40,8 @@ from sdtune.train import main
 # base, LoRA and EMA rows of the previews visibly different.
 LORA = ("lora.rank=64", "lora.alpha=1024", "train.max_grad_norm=0.01", "train.adam_epsilon=1.0", "train.learning_rate=0.5",
         "ema.decay=0.99")
-PREVIEWS = ("preview.prompts=[a zwx circle in the center]", "preview.every_steps=10", "preview.steps=4")
+PREVIEWS = ("preview.prompts=[a zwx circle in the center]", "preview.every_steps=10", "preview.steps=4",
+            "data.validation_split=4", "validation.every_steps=10")  # 4 left: whole global batches of 4
 
 
 def _fsdp(args: list[str], tmp_path) -> subprocess.CompletedProcess:
@@ -64,8 +65,8 @@ def _pixels(path) -> np.ndarray:
 
 def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_v, small_dataset, tmp_path):
     cache, stem = tmp_path / "cache", "tiny-demo"
-    one = main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *LORA, *PREVIEWS, "checkpoint.every_steps=10"))
-    one = _lora(one.output)
+    result = main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *LORA, *PREVIEWS, "checkpoint.every_steps=10"))
+    one, validation = _lora(result.output), result.validation[-1][1]
 
     run = _fsdp(_recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, *LORA, *PREVIEWS, "checkpoint.every_steps=10"), tmp_path)
     # The result and the step export, from the gathered weights: kohya names (no FSDP
@@ -76,6 +77,10 @@ def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_
     step10 = _lora(tmp_path / "two" / f"{stem}-step000010.safetensors")
     assert _max_difference(step10, _lora(tmp_path / "one" / f"{stem}-step000010.safetensors")) < TOLERANCE
     assert run.stdout.count(f"{stem}.safetensors\n") == 1
+    # The validation loss, which every process computes through the sharded UNet, as unsharded.
+    assert f"validation loss {sum(validation.values()) / len(validation):.4f} at step 20" in run.stdout
+    # A LoRA under FSDP is said to be better served by DDP: its checkpoints hold the whole UNet.
+    assert "sdtune: note: a LoRA under FSDP" in run.stderr
     # Previews, raw and EMA rows, drawn from the gathered weights as the unsharded run drew them.
     for step in (10, 20):
         drawn = [_pixels(tmp_path / run_dir / "previews" / stem / f"step-{step:06d}.png") for run_dir in ("two", "one")]
