@@ -17,11 +17,8 @@
 # inductor with bf16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/sdtune-gpu-check}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu.log") 2>&1
-
-source benchmarks/gpu_setup.sh
+OUT=${OUT:-/tmp/sdtune-gpu-check} LOG=gpu.log
+source benchmarks/gpu_setup.sh  # everything printed from here on is also in $OUT/$LOG
 
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
     model=(--model tiny) steps=(--steps 4 --warmup 1) batches=(2 4) compile=aot_eager limit=300

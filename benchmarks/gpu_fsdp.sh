@@ -17,11 +17,8 @@
 # through tests/fsdp_on_cpu.py, the baseline one CPU process, in fp32.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/sdtune-gpu-fsdp}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/fsdp.log") 2>&1
-
-source benchmarks/gpu_setup.sh
+OUT=${OUT:-/tmp/sdtune-gpu-fsdp} LOG=fsdp.log
+source benchmarks/gpu_setup.sh  # everything printed from here on is also in $OUT/$LOG
 
 WORK=/tmp/sdtune-gpu-fsdp-work
 mkdir -p "$WORK"

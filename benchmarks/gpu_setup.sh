@@ -1,5 +1,8 @@
-# Sourced by benchmarks/gpu_check.sh and gpu_fsdp.sh on a lent GPU machine: the wheels of
-# .whl/ (benchmarks/gpu_wheels.sh) on the path, $PY, and what the run has to work with.
+# Sourced by benchmarks/gpu_check.sh and gpu_fsdp.sh on a lent GPU machine, with $OUT and $LOG
+# set: the output from here on also into $OUT/$LOG, the wheels of .whl/ (benchmarks/gpu_wheels.sh)
+# on the path, $PY, and what the run has to work with.
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/$LOG") 2>&1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sdtune-site .whl/*.whl \
         || { echo "$0: installing .whl/ failed"; exit 1; }
