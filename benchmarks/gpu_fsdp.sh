@@ -8,7 +8,7 @@
 # with 1 process, against the same run under one_gpu.yaml, on the tiny model and then on SD
 # 1.5's topology (random weights, 512 px): steps/s and peak GPU memory from the trainer's
 # closing line, one JSON line each in $OUT/fsdp.jsonl. Each run writes a sharded checkpoint
-# halfway and its result from the gathered weights (on a GPU through cpu_offload, which CPU
+# halfway and its result from the gathered weights (on a GPU through offload_to_cpu, which CPU
 # processes cannot use); the tiny FSDP run is then resumed from that checkpoint and its
 # result compared with the uninterrupted one's (CUDA kernels are not bit-exact: the largest
 # difference is printed). Everything printed is in $OUT/fsdp.log.

@@ -5,9 +5,8 @@ Under FSDP each process holds a slice of every trained weight, so the modules th
 run trains cannot be written or drawn from as they are. Before they are wrapped,
 ``ModelView`` takes a skeleton of each trained model (its structure, with the
 parameters on the meta device: no memory); when a whole model is needed, every
-process takes part in gathering the full state dict (torch's
-``get_model_state_dict``: on GPUs the full weights come to the main process's CPU
-memory) and the main
+process takes part in gathering the full state dict (FSDP's ``FULL_STATE_DICT`` on
+the main process only, on GPUs into its CPU memory) and the main
 process loads it into the skeleton. Without sharding (one process, DDP) the view
 is the unwrapped models themselves and nothing is gathered.
 """
@@ -23,7 +22,8 @@ import torch
 from accelerate.utils import DistributedType
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from sdtune.errors import UserError
 
@@ -128,9 +128,6 @@ class ModelView:
         the first step, so nothing is loaded, without a word, and a resumed run restarts
         AdamW's moments; torch's loader for FSDP optimizer state takes the template from
         the checkpoint's own metadata."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import StateDictType
-
         model, optimizer = self.prepared["unet"], self.optimizer
         with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
             state = load_sharded_optimizer_state_dict(model_state_dict=model.state_dict(), optimizer_key="optimizer",
@@ -171,10 +168,14 @@ class ModelView:
 
     def _gather(self) -> dict[str, dict[str, torch.Tensor]] | None:
         """Every process: the full state dicts of the prepared models, on the main process."""
-        # torch's gather, as accelerate's get_state_dict, but that offloads to the CPU even on CPU
-        # processes, where FSDP then frees the storage it returns (a crash; torch 2.13).
-        options = StateDictOptions(full_state_dict=True, cpu_offload=self.accelerator.device.type != "cpu")  # offload: main only
-        gathered = {name: get_model_state_dict(m, options=options) for name, m in self.prepared.items()}  # collective
+        # FSDP's full state dict on the main process only, as accelerate's get_state_dict takes it,
+        # except that that offloads to the CPU even on CPU processes, where FSDP then returns
+        # storage it has freed (a crash; torch 2.13): there the tensors are CPU tensors already.
+        config = FullStateDictConfig(offload_to_cpu=self.accelerator.device.type != "cpu", rank0_only=True)
+        gathered = {}
+        for name, model in self.prepared.items():
+            with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+                gathered[name] = model.state_dict()  # collective
         return gathered if self.accelerator.is_main_process else None
 
     def trainable_state(self) -> dict[str, torch.Tensor] | None:
