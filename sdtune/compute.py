@@ -118,6 +118,8 @@ def _check_engine(accelerator: Accelerator) -> None:
             f"accelerate runs {engine}, which sdtune does not support yet: writing the results and checkpoints of "
             "its sharded weights is not proven. Train with FSDP version 1 (recipes/accelerate/fsdp.yaml) or DDP "
             "(recipes/accelerate/multi_gpu.yaml, or --processes N); docs/distributed.md says what each GPU then holds")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _check_fsdp_settings(accelerator.state.fsdp_plugin)
     for engine, variable in ((DistributedType.FSDP, "ACCELERATE_USE_FSDP"), (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED")):
         asked = os.environ.get(variable, "").lower() in ("1", "true", "yes")
         if asked and accelerator.distributed_type != engine and accelerator.is_local_main_process:
@@ -125,6 +127,28 @@ def _check_engine(accelerator: Accelerator) -> None:
             print(f"sdtune: warning: {engine.value} was asked for, but accelerate runs {runs} "
                   f"on {accelerator.device.type}: every process holds the whole model and optimizer (docs/distributed.md)",
                   file=sys.stderr)
+
+
+# The FSDP settings sdtune's sharded path is built on (docs/distributed.md, "FSDP"), as
+# recipes/accelerate/fsdp.yaml sets them: (plugin attribute, config key, allowed values, why).
+FSDP_SETTINGS = (
+    ("sharding_strategy", "fsdp_sharding_strategy", ("FULL_SHARD", "SHARD_GRAD_OP"),
+     "gradient clipping sums each process's slice of the gradients, which the other strategies keep on several processes"),
+    ("state_dict_type", "fsdp_state_dict_type", ("SHARDED_STATE_DICT",),
+     "checkpoints are each process's slice, which sdtune's resume reads"),
+    ("use_orig_params", "fsdp_use_orig_params", (True,),
+     "the optimizer, EMA and clipping work on the UNet's own parameters"),
+)
+
+
+def _check_fsdp_settings(plugin) -> None:
+    for attribute, key, allowed, why in FSDP_SETTINGS:
+        value = getattr(plugin, attribute)
+        value = getattr(value, "name", value)  # torch's enums by name
+        if value not in allowed:
+            wanted = " or ".join(str(v).lower() if isinstance(v, bool) else v for v in allowed)
+            raise UserError(f"the accelerate config's {key} is {value}; sdtune trains under FSDP with {wanted}: {why}. "
+                            f"Set {key}: {wanted} (recipes/accelerate/fsdp.yaml does)")
 
 
 def highest_on_any_process(value: int, accelerator) -> int:

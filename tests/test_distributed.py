@@ -147,8 +147,9 @@ def test_fsdp2_and_deepspeed_are_refused_until_proven_fsdp1_runs():
     from sdtune.compute import _check_engine
 
     def accelerator(engine, version=1):
-        return SimpleNamespace(distributed_type=engine, is_local_main_process=True,
-                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+        plugin = SimpleNamespace(fsdp_version=version, sharding_strategy=SimpleNamespace(name="FULL_SHARD"),
+                                 state_dict_type=SimpleNamespace(name="SHARDED_STATE_DICT"), use_orig_params=True)
+        return SimpleNamespace(distributed_type=engine, is_local_main_process=True, state=SimpleNamespace(fsdp_plugin=plugin))
 
     for engine, version, said in ((DistributedType.FSDP, 2, r"FSDP2 \(fsdp_version: 2\)"), (DistributedType.DEEPSPEED, 1, "DEEPSPEED")):
         with pytest.raises(UserError, match=f"accelerate runs {said}, which sdtune does not support yet.*fsdp.yaml.*multi_gpu.yaml"):

@@ -150,3 +150,21 @@ def test_what_fsdp_cannot_shard_is_refused_before_training():
         view = _view(kind, unet=unet)
         assert view.sharded and view.skeletons["unet"].weight.device.type == "meta"  # a skeleton holds no memory
         assert view.skeletons["unet"].weight.requires_grad
+
+
+def test_fsdp_settings_the_sharded_path_is_not_built_on_are_refused():
+    from sdtune.compute import _check_engine
+
+    def accelerator(**changes):
+        plugin = SimpleNamespace(fsdp_version=1, sharding_strategy=SimpleNamespace(name="FULL_SHARD"),
+                                 state_dict_type=SimpleNamespace(name="SHARDED_STATE_DICT"), use_orig_params=True)
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, is_local_main_process=True,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(**vars(plugin) | changes)))
+
+    _check_engine(accelerator())  # recipes/accelerate/fsdp.yaml's
+    _check_engine(accelerator(sharding_strategy=SimpleNamespace(name="SHARD_GRAD_OP")))
+    for changes, said in ((dict(sharding_strategy=SimpleNamespace(name="HYBRID_SHARD")), "fsdp_sharding_strategy is HYBRID_SHARD"),
+                          (dict(state_dict_type=SimpleNamespace(name="FULL_STATE_DICT")), "fsdp_state_dict_type is FULL_STATE_DICT"),
+                          (dict(use_orig_params=False), "fsdp_use_orig_params is False.*Set fsdp_use_orig_params: true")):
+        with pytest.raises(UserError, match=said):
+            _check_engine(accelerator(**changes))
