@@ -19,14 +19,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 import torch.distributed.checkpoint as dcp
+from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from sdtune.errors import UserError
-
 
 DDP_INSTEAD = "train without FSDP: on one process, or with DDP (recipes/accelerate/multi_gpu.yaml, or launch.sh train --processes N)"
 
