@@ -131,6 +131,22 @@ def test_fsdp_full_finetune_writes_the_gathered_unet_and_clips_by_the_global_nor
     assert sum(v.numel() for v in base.values()) == sum(one[k].numel() for k in unet)
 
 
+def test_fsdp_in_bf16_keeps_the_frozen_weights_fp32_and_trains_like_one_process(tiny_v, small_dataset, tmp_path):
+    """FSDP flattens a unit's frozen and trained weights into one tensor of one dtype, so under
+    FSDP the frozen weights stay fp32 (stored in bf16, as without FSDP, the run stops: "Must
+    flatten tensors with uniform dtype") and FSDP's mixed precision casts them to bf16, reducing
+    the gradients in bf16 too: the LoRA ends near one process's in bf16, not on it (measured
+    after 10 steps: 1.4 % of the up weights' norm, 0.17 % of the down weights')."""
+    cache, bf16 = tmp_path / "cache", ("train.mixed_precision=bf16", "train.max_steps=10")
+    one = _lora(main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *bf16)).output)
+    _fsdp(_recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, *bf16), tmp_path)
+    two = _lora(tmp_path / "two" / "tiny-demo.safetensors")
+    for part, tolerance in (("lora_up", 0.05), ("lora_down", 0.01)):
+        keys = [k for k in one if part in k]
+        difference = torch.cat([(two[k] - one[k]).flatten() for k in keys]).norm()
+        assert difference / torch.cat([one[k].flatten() for k in keys]).norm() < tolerance, part
+
+
 def _view(optimizer: str = "adamw", **models):
     groups = [{"params": [p for m in models.values() for p in m.parameters() if p.requires_grad], "lr": 1e-3}]
     accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1)
