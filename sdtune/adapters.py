@@ -109,11 +109,14 @@ def adapters_off(*models):
             param.requires_grad_(flag)
 
 
-def warn_gradless_layers_at_first_step(optimizer: torch.optim.Optimizer, models, say: bool) -> None:
+def warn_gradless_layers_at_first_step(optimizer: torch.optim.Optimizer, models, accelerator) -> None:
     """Once, as the first optimizer step begins: adapter layers none of whose trainable weights got
     a non-zero gradient would end the run unchanged (the end-of-run check says so of the file);
     say so while the run can still be stopped. A layer counts as alive when any of its weights got
-    one (at step 1 a LoRA's down weights have none: its up weights start at zero)."""
+    one (at step 1 a LoRA's down weights have none: its up weights start at zero); under FSDP,
+    on any process, as each holds the gradients of its slice of the weights only."""
+    from sdtune.compute import highest_on_any_process
+
     layers = {name: [p for p in module.parameters() if p.requires_grad] for model in models if model is not None
               for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
     layers = {name: params for name, params in layers.items() if params}
@@ -122,14 +125,9 @@ def warn_gradless_layers_at_first_step(optimizer: torch.optim.Optimizer, models,
 
     def check(_optimizer, _args, _kwargs) -> None:
         handle.remove()
-        alive = [any(p.grad is not None and bool(p.grad.any()) for p in params) for params in layers.values()]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # Sharded (FSDP), each process holds the gradients of its slice of the weights only.
-            flags = torch.tensor(alive, dtype=torch.int32, device=next(iter(layers.values()))[0].device)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            alive = flags.bool().tolist()
-        dead = [name for name, live in zip(layers, alive) if not live]
-        if dead and say:
+        alive = [int(any(p.grad is not None and bool(p.grad.any()) for p in params)) for params in layers.values()]
+        dead = [name for name, live in zip(layers, highest_on_any_process(alive, accelerator)) if not live]
+        if dead and accelerator.is_main_process:
             print(f"sdtune: warning: {len(dead)} of {len(layers)} adapter layers got no gradient in step 1, so training "
                   f"cannot change them, e.g. {', '.join(dead[:2])}. Something cuts them off from the loss (a compiled "
                   "model, a hook, a layer the model does not use); stop the run and check (docs/reliability.md)", file=sys.stderr)

@@ -151,11 +151,11 @@ def _check_fsdp_settings(plugin) -> None:
                             f"Set {key}: {wanted} (recipes/accelerate/fsdp.yaml does)")
 
 
-def highest_on_any_process(value: int, accelerator) -> int:
-    """The largest of ``value`` over all processes (a flag any one of them raised); one
-    all-reduce of one number, none with a single process."""
+def highest_on_any_process(value: int | list[int], accelerator) -> int | list[int]:
+    """The largest of ``value`` over all processes (a flag any one of them raised), or of each
+    of a list of values; one all-reduce, none with a single process."""
     if accelerator.num_processes == 1:
         return value
-    flag = torch.tensor([value], device=accelerator.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return int(flag.item())
+    flags = torch.tensor(value if isinstance(value, list) else [value], device=accelerator.device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return flags.tolist() if isinstance(value, list) else int(flags.item())

@@ -177,14 +177,6 @@ class ModelView:
                 gathered[name] = model.state_dict()  # collective
         return gathered if self.accelerator.is_main_process else None
 
-    def trainable_state(self) -> dict[str, torch.Tensor] | None:
-        """The trainable weights under prefixed names (``unet.<name>``), on the main process;
-        sharded, every process must call it."""
-        models = self.whole()
-        if models is None:
-            return None
-        return {f"{prefix}.{name}": p.detach() for prefix, m in models.items() for name, p in m.named_parameters() if p.requires_grad}
-
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> None:
     """Scale the gradients of ``params`` so that their global norm is at most ``max_norm``.
@@ -201,7 +193,7 @@ def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: floa
     squares = torch.zeros((), device=accelerator.device, dtype=torch.float32)
     for grad in grads:
         squares += grad.detach().float().pow(2).sum()
-    torch.distributed.all_reduce(squares)
+    squares = accelerator.reduce(squares, "sum")
     scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
     for grad in grads:
         grad.mul_(scale.to(grad.dtype))

@@ -127,7 +127,7 @@ def prepare_models(accelerator, models: list, optimizer, lr_scheduler) -> list:
     nothing to train (textual inversion's UNet) gets its autocast but no DDP wrapper: DDP
     refuses a module without gradients (accelerate skips it on GPUs, not on CPU processes).
     The first optimizer step then says which adapter layers no gradient reached."""
-    warn_gradless_layers_at_first_step(optimizer, models, accelerator.is_main_process)
+    warn_gradless_layers_at_first_step(optimizer, models, accelerator)
     frozen = {id(m): m for m in models if not any(p.requires_grad for p in m.parameters())}
     if not frozen:
         return list(accelerator.prepare(*models, optimizer, lr_scheduler))

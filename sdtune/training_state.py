@@ -203,7 +203,7 @@ def save_state(
     accelerator.wait_for_everyone()
     saved, kept = None, []
     if accelerator.is_main_process:
-        trainable = None if view.sharded else view.trainable_state()
+        trainable = None if view.sharded else trainable_tensors(view.unwrapped)
         ema_state = ema.state_dict() if ema is not None and not view.sharded else None
         saved, kept = save_checkpoint(root, position, trainable, recipe_json, keep_last, history, ema_state, tmp)
     accelerator.wait_for_everyone()
