@@ -13,3 +13,8 @@ __version__ = "0.1.0"
 #   8-bit AdamW, which does not need that kernel.
 for _name in ("transformers.utils.import_utils", "bitsandbytes.backends.cpu.ops"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+# - DeepSpeed, where installed, is imported by accelerate whenever a model is unwrapped
+#   or saved, and says on every machine without a GPU that it sets its accelerator to
+#   the CPU (on stdout, at a level its own logger resets, so it is filtered by text).
+logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())

@@ -109,27 +109,41 @@ def adapters_off(*models):
             param.requires_grad_(flag)
 
 
-def warn_gradless_layers_at_first_step(optimizer: torch.optim.Optimizer, models, accelerator) -> None:
+class FirstStepGradients:
     """Once, as the first optimizer step begins: adapter layers none of whose trainable weights got
     a non-zero gradient would end the run unchanged (the end-of-run check says so of the file);
     say so while the run can still be stopped. A layer counts as alive when any of its weights got
     one (at step 1 a LoRA's down weights have none: its up weights start at zero); under FSDP,
-    on any process, as each holds the gradients of its slice of the weights only."""
-    from sdtune.compute import highest_on_any_process
+    on any process, as each holds the gradients of its slice of the weights only. DeepSpeed moves
+    each gradient into its own partitions as it is made, so under it they are looked at then.
+    Make it before ``prepare``; ``attach`` the optimizer whose step the check precedes."""
 
-    layers = {name: [p for p in module.parameters() if p.requires_grad] for model in models if model is not None
-              for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
-    layers = {name: params for name, params in layers.items() if params}
-    if not layers:
-        return
+    def __init__(self, models, accelerator, deepspeed: bool):
+        self.accelerator, self.handles, self.alive = accelerator, [], set()
+        layers = {name: [p for p in module.parameters() if p.requires_grad] for model in models if model is not None
+                  for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+        self.layers = {name: params for name, params in layers.items() if params}
+        if deepspeed:  # these hooks run before DeepSpeed's own, which take the gradients away
+            self.handles = [p.register_post_accumulate_grad_hook(lambda param, name=name: self._see(name, param))
+                            for name, params in self.layers.items() for p in params]
 
-    def check(_optimizer, _args, _kwargs) -> None:
-        handle.remove()
-        alive = [int(any(p.grad is not None and bool(p.grad.any()) for p in params)) for params in layers.values()]
-        dead = [name for name, live in zip(layers, highest_on_any_process(alive, accelerator)) if not live]
-        if dead and accelerator.is_main_process:
-            print(f"sdtune: warning: {len(dead)} of {len(layers)} adapter layers got no gradient in step 1, so training "
+    def _see(self, name: str, param: torch.nn.Parameter) -> None:
+        if param.grad is not None and bool(param.grad.any()):
+            self.alive.add(name)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.layers:
+            self.handles.append(optimizer.register_step_pre_hook(self._check))
+
+    def _check(self, _optimizer, _args, _kwargs) -> None:
+        from sdtune.compute import highest_on_any_process
+
+        for handle in self.handles:
+            handle.remove()
+        alive = [int(name in self.alive or any(p.grad is not None and bool(p.grad.any()) for p in params))
+                 for name, params in self.layers.items()]
+        dead = [name for name, live in zip(self.layers, highest_on_any_process(alive, self.accelerator)) if not live]
+        if dead and self.accelerator.is_main_process:
+            print(f"sdtune: warning: {len(dead)} of {len(self.layers)} adapter layers got no gradient in step 1, so training "
                   f"cannot change them, e.g. {', '.join(dead[:2])}. Something cuts them off from the loss (a compiled "
                   "model, a hook, a layer the model does not use); stop the run and check (docs/reliability.md)", file=sys.stderr)
-
-    handle = optimizer.register_step_pre_hook(check)

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from sdtune import zero
 from sdtune.errors import UserError
 
 ACCELERATE_CHILD = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` in every process it starts
@@ -107,17 +108,17 @@ def make_accelerator(mixed_precision: str, accumulation: int, logger: str, out_d
 
 
 def _check_engine(accelerator: Accelerator) -> None:
-    """FSDP (version 1, torch's FullyShardedDataParallel) runs; FSDP2 and DeepSpeed are
-    refused until a run under them is proven (docs/distributed.md). accelerate builds
-    their plugin when asked, then runs plain DDP where the engine cannot run (FSDP on CPU
-    processes), without a word; say so."""
-    fsdp2 = accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 1
-    if accelerator.distributed_type == DistributedType.DEEPSPEED or fsdp2:
-        engine = "FSDP2 (fsdp_version: 2)" if fsdp2 else accelerator.distributed_type.value
+    """FSDP (version 1, torch's FullyShardedDataParallel) and DeepSpeed ZeRO stages 1 and 2
+    run; FSDP2 is refused until a run under it is proven (docs/distributed.md). accelerate
+    builds their plugin when asked, then runs plain DDP where the engine cannot run (FSDP
+    on CPU processes), without a word; say so."""
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 1:
         raise UserError(
-            f"accelerate runs {engine}, which sdtune does not support yet: writing the results and checkpoints of "
-            "its sharded weights is not proven. Train with FSDP version 1 (recipes/accelerate/fsdp.yaml) or DDP "
+            "accelerate runs FSDP2 (fsdp_version: 2), which sdtune does not support yet: writing the results and checkpoints "
+            "of its sharded weights is not proven. Train with FSDP version 1 (recipes/accelerate/fsdp.yaml) or DDP "
             "(recipes/accelerate/multi_gpu.yaml, or --processes N); docs/distributed.md says what each GPU then holds")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        zero.check_config(accelerator.state.deepspeed_plugin)
     if accelerator.distributed_type == DistributedType.FSDP:
         _check_fsdp_settings(accelerator.state.fsdp_plugin)
     for engine, variable in ((DistributedType.FSDP, "ACCELERATE_USE_FSDP"), (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED")):

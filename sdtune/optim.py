@@ -64,3 +64,16 @@ def make_lr_scheduler(
     return get_scheduler(
         name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, num_cycles=num_cycles, power=power
     )
+
+# Optimizers whose update is elementwise and whose state has the parameters' shapes, so
+# they do on each process's flat slice of the weights (FSDP, DeepSpeed) what they would
+# on the whole.
+ELEMENTWISE_OPTIMIZERS = {"AdamW": "adamw", "Lion": "lion"}
+SLICE_UNSAFE_OPTIMIZERS = {  # class -> (recipe name, why not on flat slices)
+    "AdamW8bit": ("adamw8bit", "its 8-bit state is quantized in blocks that do not follow the parameters' shapes "
+                  "(under FSDP the first sharded checkpoint fails)"),
+    "Adafactor": ("adafactor", "it factors the state of 2-D weights, and the engine hands it flat 1-D slices: it "
+                  "would silently run unfactored, a different optimizer"),
+    "Prodigy": ("prodigy", "it sets its step size from sums over all parameters, which each process would take "
+                "over its own slice only"),
+}

@@ -25,7 +25,9 @@ from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from sdtune import zero
 from sdtune.errors import UserError
+from sdtune.optim import ELEMENTWISE_OPTIMIZERS, SLICE_UNSAFE_OPTIMIZERS
 
 DDP_INSTEAD = "train without FSDP: on one process, or with DDP (recipes/accelerate/multi_gpu.yaml, or launch.sh train --processes N)"
 
@@ -45,25 +47,12 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-# Optimizers whose update is elementwise and whose state has the parameters' shapes, so
-# they do on each process's flat slice of the weights what they would on the whole.
-SHARDABLE_OPTIMIZERS = {"AdamW": "adamw", "Lion": "lion"}
-UNSHARDABLE_OPTIMIZERS = {  # class -> (recipe name, why)
-    "AdamW8bit": ("adamw8bit", "its 8-bit state is quantized in blocks that do not follow the parameters' shapes, "
-                  "which FSDP's sharded checkpoints cannot hold (the first checkpoint fails)"),
-    "Adafactor": ("adafactor", "it factors the state of 2-D weights, and FSDP hands it flat 1-D slices: it would "
-                  "silently run unfactored, a different optimizer"),
-    "Prodigy": ("prodigy", "it sets its step size from sums over all parameters, which each process would take "
-                "over its own slice only"),
-}
-
-
 def _check_shardable(models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
     """What sdtune shards: the UNet, alone, with weights that train, with an optimizer that
     works on slices."""
     kind = type(optimizer).__name__
-    if kind not in SHARDABLE_OPTIMIZERS:
-        name, why = UNSHARDABLE_OPTIMIZERS.get(kind, (kind, "it is not known to work on FSDP's flat slices"))
+    if kind not in ELEMENTWISE_OPTIMIZERS:
+        name, why = SLICE_UNSAFE_OPTIMIZERS.get(kind, (kind, "it is not known to work on FSDP's flat slices"))
         raise UserError(f"train.optimizer: {name} cannot train under FSDP: {why}. Set train.optimizer: adamw (under "
                         f"FSDP each GPU holds 1/N of its state: docs/distributed.md) or lion, or {DDP_INSTEAD}")
     if not any(p.requires_grad for p in models["unet"].parameters()):
@@ -89,9 +78,16 @@ class ModelView:
     """The trained models (``{"unet": ..., "text_encoder": ...}``) as whole modules. Build it
     before ``accelerator.prepare``; call ``attach`` with the prepared models after it."""
 
-    def __init__(self, models: dict[str, torch.nn.Module], optimizer, accelerator):
+    def __init__(self, models: dict[str, torch.nn.Module], optimizer, accelerator, settings: zero.Settings | None = None):
         self.accelerator, self.models = accelerator, models
-        self.sharded = is_sharded(accelerator)
+        self.sharded, self.deepspeed = is_sharded(accelerator), zero.is_deepspeed(accelerator)
+        # The run's precision: under DeepSpeed accelerate's says "no" once sdtune has set DeepSpeed up (zero.configure).
+        self.precision = accelerator.mixed_precision if self.deepspeed else None
+        if self.deepspeed:  # ZeRO-1/2: whole weights on every process, as DDP; DeepSpeed steps inside backward
+            zero.check_trainable(models, optimizer, accelerator.state.deepspeed_plugin, accelerator.mixed_precision)
+            zero.configure(accelerator, settings.batch_size, settings.accumulation, settings.max_grad_norm)
+        # The weights that train (DeepSpeed puts flat partitions of them into the optimizer's groups).
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.sharded:
             _check_shardable(models, optimizer)
             if any(not p.requires_grad for p in models["unet"].parameters()) and accelerator.is_main_process:
@@ -114,12 +110,25 @@ class ModelView:
                         if param.requires_grad:
                             torch.distributed.broadcast(param.data, src=0)
 
-    def attach(self, prepared: list[torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    def attach(self, prepared: list[torch.nn.Module]) -> tuple[dict[str, torch.nn.Module], list[torch.nn.Parameter]]:
         """Record the prepared models (in the order of ``models``); returns them unwrapped (the
-        modules the run trains: under FSDP each holds its process's slice of the weights)."""
+        modules the run trains: under FSDP each holds its process's slice of the weights), and
+        the parameters that train (under FSDP, their slices)."""
         self.prepared = dict(zip(self.models, prepared, strict=True))
         self.unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.prepared.items()}
-        return self.unwrapped
+        if self.deepspeed:
+            zero.load_safely(self.prepared["unet"])
+            zero.autocast_forward(self.unwrapped["unet"], self.accelerator.device, self.precision)
+        else:  # accelerate's FSDP preparation puts the sharded parameters into the optimizer's groups
+            self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return self.unwrapped, self.params
+
+    def autocast(self):
+        """The run's autocast for previews: accelerate's, except under DeepSpeed, where accelerate's
+        does nothing (``zero``: sdtune's own autocast runs the UNet there)."""
+        if self.deepspeed and self.precision == "bf16":
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     def load_optimizer(self, checkpoint: Path) -> None:
         """Load the optimizer's sharded state from ``checkpoint`` (every process). accelerate

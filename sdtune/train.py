@@ -28,7 +28,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from sdtune import training_state
+from sdtune import training_state, zero
 from sdtune.compute import make_accelerator
 from sdtune.data.cache import (
     CacheStats,
@@ -134,12 +134,12 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         optimizer, opt.lr_scheduler, opt.lr_warmup_steps * accelerator.num_processes,
         opt.max_steps * accelerator.num_processes, opt.lr_num_cycles, opt.lr_power)
     order, loader = make_loader(dataset, [i.crop.bucket for i in plan.train], opt.batch_size, opt.seed, data.num_workers, accelerator)
-    view = ModelView({"unet": unet} | ({"text_encoder": text_encoder} if train_te else {}), optimizer, accelerator)  # whole models, FSDP too
+    view = ModelView({"unet": unet} | ({"text_encoder": text_encoder} if train_te else {}), optimizer, accelerator,  # whole models, FSDP too
+                     zero.Settings(opt.batch_size, opt.gradient_accumulation_steps, opt.max_grad_norm))
     *trained, optimizer, lr_scheduler = prepare_models(accelerator, list(view.models.values()), optimizer, lr_scheduler)  # a frozen UNet is not wrapped
     unet, encoder = trained[0], trained[1] if train_te else text_encoder  # what the loop runs
-    models = view.attach(trained)
+    models, params = view.attach(trained)
     step_unet = torch.compile(unet, backend="inductor" if opt.compile is True else opt.compile) if opt.compile else unet  # steps only
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = parts.noise_scheduler
     setup = StepSetup(scheduler, Objective(opt.min_snr_gamma, opt.debiased_estimation, opt.loss_type, opt.huber_c), scaling,
                       opt.min_timestep, opt.max_timestep or scheduler.config.num_train_timesteps, opt.timestep_sampling,
@@ -205,7 +205,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             if preview.prompts and (step % preview.every_steps == 0 or step == opt.max_steps) and (drawn := view.for_preview(ema, params))[0]:
                 image = preview_grid(parts, drawn[0]["unet"], drawn[0].get("text_encoder", text_encoder), make_sampler(preview.sampler, preview_schedule),
                                      preview.prompts, preview.steps, preview.cfg, cfg_rescale, preview.seed,
-                                     preview.size or data.resolution, device, accelerator.autocast, drawn[1], params,
+                                     preview.size or data.resolution, device, view.autocast, drawn[1], params,
                                      base_row=preview.base_row and opt.method == "lora")
                 history["previews"].append((step, str(save_preview(image, folder, step, accelerator.trackers))))
             due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import cast_training_params
 
-from sdtune.adapters import add_lora, trainable_parameters, warn_gradless_layers_at_first_step
+from sdtune.adapters import FirstStepGradients, add_lora, trainable_parameters
 from sdtune.export.results import ResultSpec, write_result
 from sdtune.models import set_attention
 from sdtune.sdxl import SdxlComponents, unused_text_encoder_modules
@@ -127,10 +127,22 @@ def prepare_models(accelerator, models: list, optimizer, lr_scheduler) -> list:
     nothing to train (textual inversion's UNet) gets its autocast but no DDP wrapper: DDP
     refuses a module without gradients (accelerate skips it on GPUs, not on CPU processes).
     The first optimizer step then says which adapter layers no gradient reached."""
-    warn_gradless_layers_at_first_step(optimizer, models, accelerator)
+    from sdtune.zero import is_deepspeed
+
+    deepspeed = is_deepspeed(accelerator)
+    first_step = FirstStepGradients(models, accelerator, deepspeed)
+    if not deepspeed:  # under DeepSpeed, the optimizer DeepSpeed steps (below)
+        first_step.attach(optimizer)
     frozen = {id(m): m for m in models if not any(p.requires_grad for p in m.parameters())}
     if not frozen:
-        return list(accelerator.prepare(*models, optimizer, lr_scheduler))
+        prepared = list(accelerator.prepare(*models, optimizer, lr_scheduler))
+        if deepspeed:  # the optimizer DeepSpeed steps: AdamW on the flat partitions, or its CPU Adam (offload)
+            stepped = accelerator.deepspeed_engine_wrapped.engine.optimizer.optimizer
+            first_step.attach(stepped)
+            # The schedule sets the learning rate in that one's groups: the CPU Adam is a new optimizer,
+            # which shares AdamW's groups only until a checkpoint's state replaces them.
+            prepared[-1].scheduler.optimizer = stepped
+        return prepared
     ready = {key: accelerator.prepare_model(m, evaluation_mode=True) for key, m in frozen.items()}
     *trained, optimizer, lr_scheduler = accelerator.prepare(*[m for m in models if id(m) not in ready], optimizer, lr_scheduler)
     trained = iter(trained)

@@ -11,7 +11,11 @@ the EMA weights
 Under FSDP the weights, optimizer state and EMA weights are sharded: accelerate
 writes each process's slice of the model and optimizer (``pytorch_model_fsdp_0/``,
 ``optimizer_0/``, torch's distributed checkpoint format) and each process its EMA
-slice (``ema_<rank>.pt``); there is no ``trainable.safetensors``.
+slice (``ema_<rank>.pt``); there is no ``trainable.safetensors``. Under DeepSpeed
+(ZeRO-1/2, ``sdtune.zero``) the engine writes the trained weights once
+(``pytorch_model/mp_rank_00_model_states.pt``: a LoRA's alone) and each process's
+optimizer partition (``pytorch_model/zero_pp_rank_<rank>_*``); sdtune adds the EMA
+weights and its own files, and there is no ``trainable.safetensors`` either.
 Resuming continues the same trajectory, bit for bit on CPU: a run interrupted
 at step N and resumed ends with the weights of an uninterrupted one.
 
@@ -20,7 +24,8 @@ folder, which the main process flushes and renames once all are done; pruning
 (``checkpoint.keep_last``) touches only the checkpoints of the run that writes.
 Nothing is unpickled: the ``.pt``/``.bin``/``.pkl`` files hold only tensors and
 plain containers and are read with ``torch.load(weights_only=True)`` (accelerate
-does so too), which refuses anything else.
+does so too; DeepSpeed's are read so too, with its three record types allowed), which
+refuses anything else.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from sdtune.errors import RecipeError, UserError
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "position.json", "recipe.json", "optimizer.bin")
 SHARDED_FILES = (f"{MODEL_NAME}_fsdp_0", "position.json", "recipe.json", "optimizer_0")  # accelerate's FSDP folders
+DEEPSPEED_FILES = (MODEL_NAME, "position.json", "recipe.json")  # DeepSpeed's folder: weights and optimizer partitions
 OLD_FORMAT = "states.pt"  # the single-process format of sdtune before accelerate wrote the engine state
 
 
@@ -59,6 +65,7 @@ class Position:
     run_id: str = ""  # the run the checkpoint belongs to ("" in checkpoints of older sdtune)
     processes: int = 1  # how many processes shared the data order
     sharded: bool = False  # written under FSDP: the weights are accelerate's sharded files
+    deepspeed: bool = False  # written under DeepSpeed: the weights and optimizer state are DeepSpeed's files
 
 
 def save_checkpoint(
@@ -133,14 +140,15 @@ def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict
     engine's files are accelerate's to read."""
     path = Path(path)
     position = _read_position(path)
-    missing = [name for name in (SHARDED_FILES if position.sharded else FILES) if not (path / name).exists()]
+    expected = SHARDED_FILES if position.sharded else DEEPSPEED_FILES if position.deepspeed else FILES
+    missing = [name for name in expected if not (path / name).exists()]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); resume from another one")
     if (path / OLD_FORMAT).is_file():
         raise UserError(f"checkpoint {path} was written by an older sdtune (it has {OLD_FORMAT}); finish that run with "
                         "the sdtune that started it, or start this one afresh")
     try:
-        trainable = {} if position.sharded else load_file(path / "trainable.safetensors")
+        trainable = {} if position.sharded or position.deepspeed else load_file(path / "trainable.safetensors")
         recipe = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
         history_file = path / "history.json"
         history = json.loads(history_file.read_text(encoding="utf-8")) if history_file.is_file() else {}
@@ -179,7 +187,7 @@ def save_state(
     Returns the checkpoint and the run's kept checkpoints (main process; else None, [])."""
     from sdtune.compute import highest_on_any_process
 
-    position = replace(position, sharded=view.sharded)
+    position = replace(position, sharded=view.sharded, deepspeed=view.deepspeed)
     if highest_on_any_process(int(not all(torch.isfinite(p).all() for p in params)), accelerator):  # any process's slice
         raise FloatingPointError(f"non-finite weights at step {position.step}; no checkpoint written. {nan_advice}")
     final = Path(root) / f"{PREFIX}{position.step:08d}"
@@ -195,7 +203,7 @@ def save_state(
     # accelerate writes each process's slice of the model, frozen weights included).
     hook = accelerator.register_save_state_pre_hook(lambda _models, weights, _dir: weights.clear())
     try:
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if view.deepspeed else {}))
     finally:
         hook.remove()
     if ema is not None and view.sharded:
@@ -203,7 +211,7 @@ def save_state(
     accelerator.wait_for_everyone()
     saved, kept = None, []
     if accelerator.is_main_process:
-        trainable = None if view.sharded else trainable_tensors(view.unwrapped)
+        trainable = None if view.sharded or view.deepspeed else trainable_tensors(view.unwrapped)
         ema_state = ema.state_dict() if ema is not None and not view.sharded else None
         saved, kept = save_checkpoint(root, position, trainable, recipe_json, keep_last, history, ema_state, tmp)
     accelerator.wait_for_everyone()
@@ -231,13 +239,16 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
     changed one; ``view``: a ``sharded.ModelView`` of the trained models). Returns where
     the run is and its history so far."""
     from sdtune.sharded import is_sharded
+    from sdtune.zero import is_deepspeed
 
     position, trainable, saved_recipe, history = load_checkpoint(path)
-    if position.sharded != is_sharded(accelerator):
+    then = "FSDP" if position.sharded else "DeepSpeed" if position.deepspeed else None
+    now = "FSDP" if is_sharded(accelerator) else "DeepSpeed" if is_deepspeed(accelerator) else None
+    if then != now:
         raise UserError(
-            f"checkpoint {path} was written {'under' if position.sharded else 'without'} FSDP, and this run "
-            f"{'does not use' if position.sharded else 'uses'} it: FSDP's checkpoints hold each process's slice of the "
-            "weights. Resume with the accelerate config (--config_file) the run was started with")
+            f"checkpoint {path} was written {f'under {then}' if then else 'without FSDP or DeepSpeed'}, and this run "
+            f"{f'uses {now}' if now else 'does not use it'}: each engine's checkpoints are its own files (FSDP's hold "
+            "each process's slice of the weights). Resume with the accelerate config (--config_file) the run was started with")
     changes = recipe_changes(saved_recipe, recipe, RESUMABLE_CHANGES)
     if changes:
         raise RecipeError(f"the recipe differs from the checkpoint's ({path}):\n  " + "\n  ".join(changes))
@@ -246,7 +257,7 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
             f"checkpoint {path} was written by a run of {position.processes} process(es); this one has "
             f"{accelerator.num_processes}, which would change the batch order and the effective batch. Resume it with "
             f"{position.processes} process(es) (bash launch.sh train RECIPE --processes {position.processes} --resume latest)")
-    if not position.sharded:  # sharded, accelerate loads each process's slice of the weights below
+    if not (position.sharded or position.deepspeed):  # else accelerate loads the engine's weights below
         current = trainable_tensors(view.unwrapped)
         if current.keys() != trainable.keys():
             raise RecipeError(f"checkpoint {path} holds other trainable weights than this recipe creates")
@@ -258,7 +269,7 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
         # accelerate passes over an RNG file it cannot read with a log line; resuming would
         # then silently leave the trajectory, so read it first and stop instead.
         accelerate_load(Path(path) / f"random_states_{accelerator.process_index}.pkl")
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), **({"load_module_strict": False} if position.deepspeed else {}))  # a LoRA's alone
         if position.sharded:
             view.load_optimizer(path)
         if ema is not None:

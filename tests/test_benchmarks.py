@@ -98,13 +98,14 @@ def test_step_flops_count_the_backward_and_scale_with_the_batch():
     assert module.peak_tflops(cpu, torch.bfloat16, None) is None and module.peak_tflops(cpu, torch.bfloat16, 3.5) == 3.5
 
 
-def test_gpu_scripts_parse_and_every_wheel_is_pinned_by_the_run_lock():
+def test_gpu_scripts_parse_and_every_wheel_is_pinned_by_the_locks():
     import re
 
     wheels = (ROOT / "benchmarks" / "gpu_wheels.sh").read_text()
     names = re.search(r"names=\(([^)]*)\)", wheels).group(1).split()
-    lock = {line.split("==")[0].lower() for line in (ROOT / "requirements" / "run.lock").read_text().splitlines() if "==" in line}
-    assert {"diffusers", "transformers", "peft", "accelerate", "pydantic"} <= set(names)
+    locks = [(ROOT / "requirements" / f"{kind}.lock").read_text().splitlines() for kind in ("run", "test")]
+    lock = {line.split("==")[0].lower() for lines in locks for line in lines if "==" in line}
+    assert {"diffusers", "transformers", "peft", "accelerate", "pydantic", "ninja"} <= set(names)  # ninja: DeepSpeed's ops
     assert [n for n in names if n.lower() not in lock] == []
     for script in ("gpu_wheels.sh", "gpu_setup.sh", "gpu_check.sh", "gpu_fsdp.sh"):
         check = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], capture_output=True, text=True)

@@ -108,8 +108,8 @@ def test_deepspeed_config_reaches_the_plugin_as_written():
     zero = plugin.deepspeed_config["zero_optimization"]
     assert zero["stage"] == 2
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "none"
-    assert plugin.deepspeed_config["gradient_clipping"] == 1.0
-    # "auto": filled from the Accelerator, i.e. the recipe's train.gradient_accumulation_steps.
+    # "auto": sdtune fills them from the recipe (train.max_grad_norm, train.gradient_accumulation_steps).
+    assert plugin.deepspeed_config["gradient_clipping"] == "auto"
     assert plugin.deepspeed_config["gradient_accumulation_steps"] == "auto"
 
 

@@ -1,0 +1,150 @@
+"""DeepSpeed ZeRO stages 1 and 2 under accelerate (recipes/accelerate/deepspeed_zero2.yaml).
+
+Under ZeRO-1 and ZeRO-2 every process keeps the whole weights; the optimizer state (and
+with stage 2 the gradients) is partitioned between the processes, and DeepSpeed's
+engine does the step inside ``accelerator.backward``: it averages and clips the
+gradients and runs the optimizer on each process's partition. So the results, step
+exports and previews come from the unwrapped model as under DDP, and the checkpoints are
+DeepSpeed's own (accelerate's ``save_state``: the trained weights once, each process's
+optimizer partition), read back with ``torch.load(weights_only=True)`` and three
+DeepSpeed record types allowed, never unpickling anything else. Stage 3, which
+partitions the weights themselves, is refused.
+
+sdtune makes the optimizer and the learning-rate schedule itself and sets DeepSpeed's
+batch size, accumulation and gradient clipping from the recipe, so the same recipe
+trains the same model under DeepSpeed as under DDP. Mixed precision is sdtune's too:
+DeepSpeed's own bf16 mode would cast the whole model to bf16 and feed it uncast inputs,
+so DeepSpeed runs in fp32 and the UNet's forward under autocast, as accelerate runs it
+without DeepSpeed (frozen weights stored in bf16, trained ones fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import DistributedType, convert_outputs_to_fp32
+
+from sdtune.errors import UserError
+from sdtune.optim import ELEMENTWISE_OPTIMIZERS, SLICE_UNSAFE_OPTIMIZERS
+
+DDP_INSTEAD = "train without DeepSpeed: on one process, or with DDP (recipes/accelerate/multi_gpu.yaml, or launch.sh train --processes N)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The recipe's values DeepSpeed's setup depends on."""
+
+    batch_size: int
+    accumulation: int
+    max_grad_norm: float
+
+
+def is_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def offloads_optimizer(plugin) -> bool:
+    return plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def check_config(plugin) -> None:
+    """At start-up: the DeepSpeed settings sdtune's path is built on."""
+    config = plugin.deepspeed_config
+    if plugin.zero_stage not in (1, 2):
+        raise UserError(
+            f"the accelerate config's zero_stage is {plugin.zero_stage}; sdtune trains under DeepSpeed with ZeRO stage 1 or "
+            "2, where every process keeps the whole weights (stage 3 partitions them, and writing results from partitioned "
+            "weights is not proven yet). Set zero_stage: 2 (recipes/accelerate/deepspeed_zero2.yaml), or use FSDP "
+            "(recipes/accelerate/fsdp.yaml), which shards the weights too")
+    for section, recipe_keys in (("optimizer", "train.optimizer and train.learning_rate"),
+                                 ("scheduler", "train.lr_scheduler and train.lr_warmup_steps")):
+        if section in config:
+            raise UserError(
+                f"the DeepSpeed config has an {section} section; sdtune makes the {section} from the recipe "
+                f"({recipe_keys}). Remove the {section} section from the DeepSpeed config file")
+
+
+# The DeepSpeed settings sdtune takes from the recipe: (DeepSpeed key, recipe key).
+FROM_RECIPE = (("train_micro_batch_size_per_gpu", "train.batch_size"),
+               ("gradient_accumulation_steps", "train.gradient_accumulation_steps"),
+               ("gradient_clipping", "train.max_grad_norm"))
+
+
+def configure(accelerator, batch_size: int, accumulation: int, max_grad_norm: float) -> None:
+    """Before ``prepare``: DeepSpeed's batch size, accumulation and clipping from the recipe. A
+    config file that sets one of them otherwise is refused, as is an accelerate that took
+    another accumulation than the recipe's (from ``--gradient_accumulation_steps``)."""
+    plugin = accelerator.state.deepspeed_plugin
+    config = plugin.deepspeed_config
+    wanted = dict(zip((key for key, _ in FROM_RECIPE), (batch_size, accumulation, float(max_grad_norm)), strict=True))
+    for (key, recipe_key), value in zip(FROM_RECIPE, wanted.values(), strict=True):
+        current = config.get(key, "auto")
+        if current != "auto" and float(current) != float(value):
+            raise UserError(
+                f"the DeepSpeed config sets {key}: {current} and the recipe {recipe_key}: {value}; sdtune sets DeepSpeed's "
+                f"{key} from the recipe. Remove {key} from the DeepSpeed config (or the accelerate config's deepspeed_config) "
+                f"and set {recipe_key} in the recipe")
+        config[key] = value
+    if accelerator.gradient_accumulation_steps != accumulation:
+        raise UserError(
+            f"accelerate accumulates over {accelerator.gradient_accumulation_steps} batches and the recipe's "
+            f"train.gradient_accumulation_steps is {accumulation}; set it in the recipe only (not with accelerate "
+            "launch --gradient_accumulation_steps or in the accelerate config)")
+    config["train_batch_size"] = batch_size * accumulation * accelerator.num_processes
+    config["bf16"] = {"enabled": False}  # sdtune's autocast instead (autocast_forward)
+
+
+def autocast_forward(module: torch.nn.Module, device: torch.device, mixed_precision: str) -> None:
+    """Run ``module``'s forward under autocast in the run's precision, with fp32 outputs, as
+    accelerate's ``prepare`` does without DeepSpeed."""
+    if mixed_precision == "bf16":
+        module.forward = convert_outputs_to_fp32(torch.autocast(device.type, dtype=torch.bfloat16)(module.forward))
+
+
+def check_trainable(models: dict[str, torch.nn.Module], optimizer, plugin, mixed_precision: str) -> None:
+    """What sdtune trains under DeepSpeed: the UNet, alone, with an optimizer whose update is
+    elementwise (DeepSpeed hands it flat partitions of the weights)."""
+    kind = type(optimizer).__name__
+    if kind in ELEMENTWISE_OPTIMIZERS and kind != "AdamW" and offloads_optimizer(plugin):
+        name, why = ELEMENTWISE_OPTIMIZERS[kind], ("with offload_optimizer_device: cpu accelerate replaces the optimizer "
+                                                   "by DeepSpeed's CPU Adam, so it would train with Adam")
+    elif kind not in ELEMENTWISE_OPTIMIZERS:
+        name, why = SLICE_UNSAFE_OPTIMIZERS.get(kind, (kind, "it is not known to work on DeepSpeed's flat partitions"))
+    else:
+        name = None
+    if name is not None:
+        raise UserError(f"train.optimizer: {name} cannot train under DeepSpeed: {why}. Set train.optimizer: adamw, or {DDP_INSTEAD}")
+    if not any(p.requires_grad for p in models["unet"].parameters()):
+        raise UserError("DeepSpeed trains the UNet's weights, and this run trains none of them (textual inversion trains rows "
+                        f"of the text encoder's embedding): {DDP_INSTEAD}")
+    if len(models) > 1:
+        raise UserError(
+            "under DeepSpeed sdtune trains the UNet only: accelerate gives DeepSpeed one model per engine. Set "
+            f"lora.text_encoder: false (LoRA) or train.full_text_encoder: false (full fine-tune), or {DDP_INSTEAD}")
+    if mixed_precision == "fp16":
+        raise UserError("train.mixed_precision: fp16 under DeepSpeed is not supported by sdtune (its loss scaling is not "
+                        "proven there). Set train.mixed_precision: bf16 (or no), or " + DDP_INSTEAD)
+
+
+# The DeepSpeed record types an optimizer partition file holds besides tensors and
+# plain containers (ZeRO-2, DeepSpeed 0.19): its loss scaler, the ZeRO stage, and
+# where each weight lies in the flat partition.
+def _checkpoint_types() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_safely(engine) -> None:
+    """Make ``engine`` read its checkpoints with ``torch.load(weights_only=True)`` (DeepSpeed's
+    own loader unpickles anything), allowing only DeepSpeed's record types besides tensors."""
+    allowed = _checkpoint_types()
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load

@@ -1,0 +1,44 @@
+"""`sdtune/train.py` under accelerate's DeepSpeed on CPU processes, for tests/test_deepspeed.py.
+
+DeepSpeed runs on CPUs (``DS_ACCELERATOR=cpu``: gloo, and its CPU Adam for optimizer
+offload), and accelerate (1.16) starts it there: DeepSpeed's ``init_distributed`` joins
+the processes. But accelerate then finds no backend of its own for CPU processes that
+were not asked to run as CPU ones (``ACCELERATE_USE_CPU`` would switch DeepSpeed off),
+and counts every process as process 0 of 1, while DeepSpeed's engine sees them all.
+This script, launched in place of sdtune/train.py, gives accelerate's state the
+process group DeepSpeed joined (rank, world size, gloo, the device ``cpu``), then runs
+sdtune's trainer unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the checkout's sdtune, not tests/
+
+import torch  # noqa: E402
+from accelerate import state  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
+
+_init = state.PartialState.__init__
+
+
+def _init_with_deepspeed_on_cpu(self, cpu: bool = False, **kwargs):
+    _init(self, cpu, **kwargs)
+    if self.distributed_type == DistributedType.DEEPSPEED and self.backend is None and torch.distributed.is_initialized():
+        self.backend = torch.distributed.get_backend()
+        self.num_processes = torch.distributed.get_world_size()
+        self.process_index = torch.distributed.get_rank()
+        self.local_process_index = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cpu")
+
+
+state.PartialState.__init__ = _init_with_deepspeed_on_cpu
+
+if __name__ == "__main__":
+    from sdtune.errors import run_command
+    from sdtune.train import main
+
+    sys.exit(run_command(lambda: main(sys.argv[1:])))
