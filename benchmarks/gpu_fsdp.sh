@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 12's GPU runs, in one command on a lent GPU machine (docs/distributed.md, "FSDP"):
+# Issue 12's GPU runs, in one command on a lent GPU machine (docs/distributed.md, "FSDP", "DeepSpeed"):
 #
 #   bash benchmarks/gpu_wheels.sh                        # here, first: the wheels the GPU image lacks, into .whl/
-#   device tool: run  command "bash benchmarks/gpu_fsdp.sh"  carry [".whl"]  timeout_s 480
+#   device tool: run  command "bash benchmarks/gpu_fsdp.sh"  carry [".whl"]  timeout_s 590
 #
 # A full fine-tune (train.optimizer: adamw, bf16, batch 1) under recipes/accelerate/fsdp.yaml
+# and under deepspeed_zero2.yaml (optimizer offload: DeepSpeed builds its CPU Adam on first use)
 # with 1 process, against the same run under one_gpu.yaml, on the tiny model and then on SD
 # 1.5's topology (random weights, 512 px): steps/s and peak GPU memory from the trainer's
 # closing line, one JSON line each in $OUT/fsdp.jsonl. Each run writes a sharded checkpoint
@@ -13,8 +14,9 @@
 # result compared with the uninterrupted one's (CUDA kernels are not bit-exact: the largest
 # difference is printed). Everything printed is in $OUT/fsdp.log.
 #
-# GPU_FSDP_QUICK=1 is a dry run without a GPU: the tiny model only, FSDP on 2 CPU processes
-# through tests/fsdp_on_cpu.py, the baseline one CPU process, in fp32.
+# GPU_FSDP_QUICK=1 is a dry run without a GPU: the tiny model only, FSDP and DeepSpeed on 2 CPU
+# processes through tests/fsdp_on_cpu.py and tests/deepspeed_on_cpu.py, the baseline one CPU
+# process, in fp32.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/sdtune-gpu-fsdp} LOG=fsdp.log
@@ -30,10 +32,19 @@ config = yaml.safe_load(open("recipes/accelerate/fsdp.yaml"))
 yaml.safe_dump(config | {"use_cpu": True, "num_processes": 2, "mixed_precision": "no"}, open(sys.argv[1], "w"))
 PY
     fsdp=(env ACCELERATE_USE_CPU=1 "$PY" -m accelerate.commands.launch -q --config_file "$WORK/fsdp.yaml" tests/fsdp_on_cpu.py)
+    "$PY" - "$WORK/deepspeed.yaml" <<'PY'
+import sys, yaml
+config = yaml.safe_load(open("recipes/accelerate/deepspeed_zero2.yaml"))
+yaml.safe_dump(config | {"num_processes": 2, "mixed_precision": "no", "gpu_ids": None}, open(sys.argv[1], "w"))
+PY
+    deepspeed=(env -u ACCELERATE_USE_CPU DS_ACCELERATOR=cpu "$PY" -m accelerate.commands.launch -q --config_file "$WORK/deepspeed.yaml"
+               tests/deepspeed_on_cpu.py)
     single=("$PY" sdtune/train.py)
 else
     models=(tiny sd15) steps=20 precision=bf16
     fsdp=("$PY" -m accelerate.commands.launch -q --config_file recipes/accelerate/fsdp.yaml --num_processes 1 sdtune/train.py)
+    deepspeed=("$PY" -m accelerate.commands.launch -q --config_file recipes/accelerate/deepspeed_zero2.yaml --num_processes 1
+               sdtune/train.py)
     single=("$PY" -m accelerate.commands.launch -q --config_file recipes/accelerate/one_gpu.yaml sdtune/train.py)
 fi
 
@@ -74,20 +85,26 @@ for kind in "${models[@]}"; do
     resolution=$([ "$kind" = tiny ] && echo 64 || echo 512)
     train "$kind-one-gpu" "$model" "$resolution" "${single[@]}" --
     train "$kind-fsdp" "$model" "$resolution" "${fsdp[@]}" --
+    train "$kind-deepspeed" "$model" "$resolution" "${deepspeed[@]}" --
 done
 
-# The tiny FSDP run again from its halfway checkpoint (a copy of its folder, without the result).
-rm -rf "$WORK/out-tiny-fsdp-resumed"
-cp -r "$WORK/out-tiny-fsdp" "$WORK/out-tiny-fsdp-resumed"
-rm -f "$WORK/out-tiny-fsdp-resumed/my-finetune.safetensors"
-checkpoint=$(ls -d "$WORK"/out-tiny-fsdp-resumed/checkpoints/my-finetune/step-* | head -1)
+# The tiny FSDP and DeepSpeed runs again from their halfway checkpoints (copies of their folders,
+# without the result), each compared with the uninterrupted run.
 model=$(model_dir tiny)
-train tiny-fsdp-resumed "$model" 64 "${fsdp[@]}" -- --resume "$checkpoint"
-"$PY" - "$WORK/out-tiny-fsdp/my-finetune.safetensors" "$WORK/out-tiny-fsdp-resumed/my-finetune.safetensors" <<'PY'
+for engine in fsdp deepspeed; do
+    rm -rf "$WORK/out-tiny-$engine-resumed"
+    cp -r "$WORK/out-tiny-$engine" "$WORK/out-tiny-$engine-resumed"
+    rm -f "$WORK/out-tiny-$engine-resumed/my-finetune.safetensors"
+    checkpoint=$(ls -d "$WORK"/out-tiny-$engine-resumed/checkpoints/my-finetune/step-* | head -1)
+    launcher="$engine[@]"
+    train "tiny-$engine-resumed" "$model" 64 "${!launcher}" -- --resume "$checkpoint"
+    "$PY" - "$engine" "$WORK/out-tiny-$engine/my-finetune.safetensors" "$WORK/out-tiny-$engine-resumed/my-finetune.safetensors" <<'PY'
 import sys
 from safetensors.torch import load_file
-a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+a, b = load_file(sys.argv[2]), load_file(sys.argv[3])
 keys = [k for k in a if k.startswith("model.diffusion_model.") and a[k].numel()]
-print(f"gpu_fsdp.sh: resumed against uninterrupted, UNet: largest difference {max((a[k] - b[k]).abs().max().item() for k in keys):.3g} over {len(keys)} tensors")
+print(f"gpu_fsdp.sh: {sys.argv[1]} resumed against uninterrupted, UNet: largest difference "
+      f"{max((a[k] - b[k]).abs().max().item() for k in keys):.3g} over {len(keys)} tensors")
 PY
+done
 date -u
