@@ -1,19 +1,21 @@
-"""Whole models out of sharded training (FSDP), for what needs every weight at once:
-the result files, step exports and previews.
+"""Whole models out of sharded training (FSDP, DeepSpeed ZeRO-3), for what needs every
+weight at once: the result files, step exports and previews.
 
-Under FSDP each process holds a slice of every trained weight, so the modules the
+Under FSDP each process holds a slice of every trained weight (under ZeRO-3 a
+partition of every weight, gathered by ``zero.gather``), so the modules the
 run trains cannot be written or drawn from as they are. Before they are wrapped,
 ``ModelView`` takes a skeleton of each trained model (its structure, with the
 parameters on the meta device: no memory); when a whole model is needed, every
 process takes part in gathering the full state dict (FSDP's ``FULL_STATE_DICT`` on
 the main process only, on GPUs into its CPU memory) and the main
-process loads it into the skeleton. Without sharding (one process, DDP) the view
-is the unwrapped models themselves and nothing is gathered.
+process loads it into the skeleton. Without sharding (one process, DDP, ZeRO-1/2)
+the view is the unwrapped models themselves and nothing is gathered.
 """
 
 from __future__ import annotations
 
 import copy
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -82,9 +84,12 @@ class ModelView:
         self.accelerator, self.models = accelerator, models
         self.sharded, self.deepspeed = is_sharded(accelerator), zero.is_deepspeed(accelerator)
         # The run's precision: under DeepSpeed accelerate's says "no" once sdtune has set DeepSpeed up (zero.configure).
-        self.precision = accelerator.mixed_precision if self.deepspeed else None
-        if self.deepspeed:  # ZeRO-1/2: whole weights on every process, as DDP; DeepSpeed steps inside backward
-            zero.check_trainable(models, optimizer, accelerator.state.deepspeed_plugin, accelerator.mixed_precision)
+        self.precision = accelerator.mixed_precision
+        # ZeRO-3 partitions the weights as FSDP does: whole models are gathered into skeletons.
+        self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+        self.gathers = self.sharded or self.zero3
+        if self.deepspeed:  # DeepSpeed steps inside backward; ZeRO-1/2 keep whole weights on every process, as DDP
+            zero.check_trainable(models, optimizer, accelerator.state.deepspeed_plugin, self.precision, settings.ema)
             zero.configure(accelerator, settings.batch_size, settings.accumulation, settings.max_grad_norm)
         # The weights that train (DeepSpeed puts flat partitions of them into the optimizer's groups).
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -96,13 +101,16 @@ class ModelView:
                       "(recipes/accelerate/multi_gpu.yaml) keeps its checkpoints small", file=sys.stderr)
             for notice in TORCH_NOTICES:
                 warnings.filterwarnings("ignore", message=notice)
-        self.skeletons = {name: skeleton(m) for name, m in models.items()} if self.sharded else {}
+        self.skeletons = {name: skeleton(m) for name, m in models.items()} if self.gathers else {}
+        for module in self.skeletons.values() if self.precision == "bf16" else ():  # previews run them as accelerate
+            zero.autocast_forward(module, accelerator.device, self.precision)  # runs the prepared models
         self.prepared: dict[str, torch.nn.Module] = {}  # set by attach
         self.unwrapped: dict[str, torch.nn.Module] = {}
         self.optimizer = optimizer
         if self.sharded and accelerator.num_processes > 1:
             # Every process starts from the main process's trained weights, as DDP makes them (a
             # LoRA's random init is seeded per process); FSDP then keeps each process's slice.
+            # (DeepSpeed broadcasts them itself, ZeRO-3 before partitioning.)
             # (FSDP's sync_module_states would too, but torch refuses it for CPU processes.)
             with torch.no_grad():
                 for module in models.values():
@@ -145,7 +153,7 @@ class ModelView:
     def whole(self) -> dict[str, torch.nn.Module] | None:
         """The models with all their current weights, on the main process (None on the
         others). Sharded, every process must call it at the same point of the run."""
-        if not self.sharded:
+        if not self.gathers:
             return self.unwrapped if self.accelerator.is_main_process else None
         gathered = self._gather()
         if gathered is None:
@@ -159,7 +167,7 @@ class ModelView:
         others. ``ema`` is what ``evaluation.preview_grid`` swaps the EMA weights in with: the
         run's EMA model, or, sharded, one that loads the gathered EMA weights into the gathered
         models (every process takes part in gathering both)."""
-        if not self.sharded:
+        if not self.gathers:
             return (self.unwrapped, ema) if self.accelerator.is_main_process else (None, None)
         ema_weights = None
         if ema is not None:
@@ -176,6 +184,8 @@ class ModelView:
 
     def _gather(self) -> dict[str, dict[str, torch.Tensor]] | None:
         """Every process: the full state dicts of the prepared models, on the main process."""
+        if self.zero3:
+            return zero.gather(self.unwrapped, self.accelerator.is_main_process)
         # FSDP's full state dict on the main process only, as accelerate's get_state_dict takes it,
         # except that that offloads to the CPU even on CPU processes, where FSDP then returns
         # storage it has freed (a crash; torch 2.13): there the tensors are CPU tensors already.
@@ -185,6 +195,32 @@ class ModelView:
             with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
                 gathered[name] = model.state_dict()  # collective
         return gathered if self.accelerator.is_main_process else None
+
+
+# What torch's distributed checkpoint metadata (the ``.metadata`` file of each FSDP folder, a
+# plain pickle that torch reads with ``pickle.load``) is made of, and nothing else may be.
+DCP_METADATA = "torch.distributed.checkpoint.metadata"
+METADATA_GLOBALS = {
+    (DCP_METADATA, name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                                      "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in METADATA_GLOBALS and not dtype:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a distributed checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def check_metadata(checkpoint: Path, folders: tuple[str, ...]) -> None:
+    """Read the ``.metadata`` of each FSDP folder of ``checkpoint`` as torch would, but allowing
+    only what such metadata is made of, before torch unpickles it (every process)."""
+    for folder in folders:
+        with open(Path(checkpoint) / folder / ".metadata", "rb") as handle:
+            _MetadataUnpickler(handle).load()
 
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> None:

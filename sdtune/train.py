@@ -135,7 +135,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         opt.max_steps * accelerator.num_processes, opt.lr_num_cycles, opt.lr_power)
     order, loader = make_loader(dataset, [i.crop.bucket for i in plan.train], opt.batch_size, opt.seed, data.num_workers, accelerator)
     view = ModelView({"unet": unet} | ({"text_encoder": text_encoder} if train_te else {}), optimizer, accelerator,  # whole models, FSDP too
-                     zero.Settings(opt.batch_size, opt.gradient_accumulation_steps, opt.max_grad_norm))
+                     zero.Settings(opt.batch_size, opt.gradient_accumulation_steps, opt.max_grad_norm, recipe.ema.enabled))
     *trained, optimizer, lr_scheduler = prepare_models(accelerator, list(view.models.values()), optimizer, lr_scheduler)  # a frozen UNet is not wrapped
     unet, encoder = trained[0], trained[1] if train_te else text_encoder  # what the loop runs
     models, params = view.attach(trained)

@@ -24,8 +24,9 @@ folder, which the main process flushes and renames once all are done; pruning
 (``checkpoint.keep_last``) touches only the checkpoints of the run that writes.
 Nothing is unpickled: the ``.pt``/``.bin``/``.pkl`` files hold only tensors and
 plain containers and are read with ``torch.load(weights_only=True)`` (accelerate
-does so too; DeepSpeed's are read so too, with its three record types allowed), which
-refuses anything else.
+does so too; DeepSpeed's are read so too, with its record types allowed), which
+refuses anything else; the ``.metadata`` pickles of FSDP's folders are checked to
+hold only torch's checkpoint metadata types before torch reads them.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from sdtune.errors import RecipeError, UserError
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "position.json", "recipe.json", "optimizer.bin")
-SHARDED_FILES = (f"{MODEL_NAME}_fsdp_0", "position.json", "recipe.json", "optimizer_0")  # accelerate's FSDP folders
+SHARDED_FOLDERS = (f"{MODEL_NAME}_fsdp_0", "optimizer_0")  # accelerate's FSDP folders (torch's distributed checkpoints)
+SHARDED_FILES = (*SHARDED_FOLDERS, "position.json", "recipe.json")
 DEEPSPEED_FILES = (MODEL_NAME, "position.json", "recipe.json")  # DeepSpeed's folder: weights and optimizer partitions
 OLD_FORMAT = "states.pt"  # the single-process format of sdtune before accelerate wrote the engine state
 
@@ -188,7 +190,8 @@ def save_state(
     from sdtune.compute import highest_on_any_process
 
     position = replace(position, sharded=view.sharded, deepspeed=view.deepspeed)
-    if highest_on_any_process(int(not all(torch.isfinite(p).all() for p in params)), accelerator):  # any process's slice
+    weights = [getattr(p, "ds_tensor", p) for p in params]  # under ZeRO-3 the weights are placeholders for partitions
+    if highest_on_any_process(int(not all(torch.isfinite(w).all() for w in weights)), accelerator):  # any process's slice
         raise FloatingPointError(f"non-finite weights at step {position.step}; no checkpoint written. {nan_advice}")
     final = Path(root) / f"{PREFIX}{position.step:08d}"
     tmp = [str(atomic.tmp_beside(final))] if accelerator.is_main_process else [None]
@@ -238,7 +241,7 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
     """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a
     changed one; ``view``: a ``sharded.ModelView`` of the trained models). Returns where
     the run is and its history so far."""
-    from sdtune.sharded import is_sharded
+    from sdtune.sharded import check_metadata, is_sharded
     from sdtune.zero import is_deepspeed
 
     position, trainable, saved_recipe, history = load_checkpoint(path)
@@ -269,6 +272,8 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
         # accelerate passes over an RNG file it cannot read with a log line; resuming would
         # then silently leave the trajectory, so read it first and stop instead.
         accelerate_load(Path(path) / f"random_states_{accelerator.process_index}.pkl")
+        if position.sharded:  # torch unpickles its distributed checkpoints' metadata: check it first
+            check_metadata(path, SHARDED_FOLDERS)
         accelerator.load_state(str(path), **({"load_module_strict": False} if position.deepspeed else {}))  # a LoRA's alone
         if position.sharded:
             view.load_optimizer(path)

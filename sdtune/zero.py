@@ -1,14 +1,15 @@
-"""DeepSpeed ZeRO stages 1 and 2 under accelerate (recipes/accelerate/deepspeed_zero2.yaml).
+"""DeepSpeed ZeRO under accelerate (recipes/accelerate/deepspeed_zero2.yaml; stages 1 to 3).
 
 Under ZeRO-1 and ZeRO-2 every process keeps the whole weights; the optimizer state (and
 with stage 2 the gradients) is partitioned between the processes, and DeepSpeed's
 engine does the step inside ``accelerator.backward``: it averages and clips the
 gradients and runs the optimizer on each process's partition. So the results, step
-exports and previews come from the unwrapped model as under DDP, and the checkpoints are
-DeepSpeed's own (accelerate's ``save_state``: the trained weights once, each process's
-optimizer partition), read back with ``torch.load(weights_only=True)`` and three
-DeepSpeed record types allowed, never unpickling anything else. Stage 3, which
-partitions the weights themselves, is refused.
+exports and previews come from the unwrapped model as under DDP. ZeRO-3 partitions the
+weights too: ``sharded.ModelView`` then gathers them into a skeleton (``gather``), as
+under FSDP. The checkpoints are DeepSpeed's own (accelerate's ``save_state``: the
+trained weights, each process's optimizer partition), read back with
+``torch.load(weights_only=True)`` and DeepSpeed's record types allowed, never
+unpickling anything else.
 
 sdtune makes the optimizer and the learning-rate schedule itself and sets DeepSpeed's
 batch size, accumulation and gradient clipping from the recipe, so the same recipe
@@ -38,6 +39,7 @@ class Settings:
     batch_size: int
     accumulation: int
     max_grad_norm: float
+    ema: bool
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -49,14 +51,19 @@ def offloads_optimizer(plugin) -> bool:
 
 
 def check_config(plugin) -> None:
-    """At start-up: the DeepSpeed settings sdtune's path is built on."""
+    """At start-up: the DeepSpeed settings sdtune's path is built on. Under ZeRO-3 the base
+    model is loaded whole (transformers would otherwise build the frozen text encoders
+    partitioned, with ``deepspeed.zero.Init``, and nothing gathers their weights outside
+    DeepSpeed's engine: the run would stop at the first caption it encodes)."""
+    if plugin.zero_stage == 3:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        plugin.zero3_init_flag = False
+        unset_hf_deepspeed_config()
     config = plugin.deepspeed_config
-    if plugin.zero_stage not in (1, 2):
-        raise UserError(
-            f"the accelerate config's zero_stage is {plugin.zero_stage}; sdtune trains under DeepSpeed with ZeRO stage 1 or "
-            "2, where every process keeps the whole weights (stage 3 partitions them, and writing results from partitioned "
-            "weights is not proven yet). Set zero_stage: 2 (recipes/accelerate/deepspeed_zero2.yaml), or use FSDP "
-            "(recipes/accelerate/fsdp.yaml), which shards the weights too")
+    if plugin.zero_stage not in (1, 2, 3):
+        raise UserError(f"the accelerate config's zero_stage is {plugin.zero_stage}; sdtune trains under DeepSpeed with "
+                        "ZeRO stage 1, 2 or 3. Set zero_stage: 2 (recipes/accelerate/deepspeed_zero2.yaml)")
     for section, recipe_keys in (("optimizer", "train.optimizer and train.learning_rate"),
                                  ("scheduler", "train.lr_scheduler and train.lr_warmup_steps")):
         if section in config:
@@ -102,7 +109,7 @@ def autocast_forward(module: torch.nn.Module, device: torch.device, mixed_precis
         module.forward = convert_outputs_to_fp32(torch.autocast(device.type, dtype=torch.bfloat16)(module.forward))
 
 
-def check_trainable(models: dict[str, torch.nn.Module], optimizer, plugin, mixed_precision: str) -> None:
+def check_trainable(models: dict[str, torch.nn.Module], optimizer, plugin, mixed_precision: str, ema: bool = False) -> None:
     """What sdtune trains under DeepSpeed: the UNet, alone, with an optimizer whose update is
     elementwise (DeepSpeed hands it flat partitions of the weights)."""
     kind = type(optimizer).__name__
@@ -122,6 +129,12 @@ def check_trainable(models: dict[str, torch.nn.Module], optimizer, plugin, mixed
         raise UserError(
             "under DeepSpeed sdtune trains the UNet only: accelerate gives DeepSpeed one model per engine. Set "
             f"lora.text_encoder: false (LoRA) or train.full_text_encoder: false (full fine-tune), or {DDP_INSTEAD}")
+    if ema and plugin.zero_stage == 3:
+        raise UserError(
+            "ema.enabled under DeepSpeed ZeRO-3: each process holds a partition of every weight, and the EMA sdtune keeps "
+            "(diffusers' EMAModel) averages whole weights. Set ema.enabled: false, or zero_stage: 2 "
+            "(recipes/accelerate/deepspeed_zero2.yaml), or train under FSDP (recipes/accelerate/fsdp.yaml), which keeps "
+            "each process's slice of the EMA")
     if mixed_precision == "fp16":
         raise UserError("train.mixed_precision: fp16 under DeepSpeed is not supported by sdtune (its loss scaling is not "
                         "proven there). Set train.mixed_precision: bf16 (or no), or " + DDP_INSTEAD)
@@ -148,3 +161,22 @@ def load_safely(engine) -> None:
             return torch.load(path, map_location=map_location, weights_only=True)
 
     engine.checkpoint_engine.load = load
+
+
+def gather(models: dict[str, torch.nn.Module], is_main: bool) -> dict[str, dict[str, torch.Tensor]] | None:
+    """Every process (ZeRO-3): the models' full state dicts on the CPU of the main process (None on
+    the others), gathering one weight at a time so that no process holds a whole model."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    gathered = {}
+    for name, model in models.items():
+        state = {}
+        for key, value in model.state_dict(keep_vars=True).items():
+            if hasattr(value, "ds_id"):  # a partitioned weight
+                with GatheredParameters([value], modifier_rank=None):  # collective
+                    if is_main:
+                        state[key] = value.detach().to("cpu", copy=True)
+            elif is_main:
+                state[key] = value.detach().to("cpu", copy=True)
+        gathered[name] = state
+    return gathered if is_main else None

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
-from pathlib import Path
 
 from types import SimpleNamespace
 
@@ -27,7 +27,7 @@ from conftest import ACCELERATE, ROOT, free_port
 from PIL import Image
 from safetensors.torch import load_file
 from test_distributed import TOLERANCE, _lora, _max_difference, _recipe
-from test_fsdp import PREVIEWS
+from test_fsdp import PREVIEWS, RunsCode
 
 from sdtune.errors import UserError
 from sdtune.optim import make_optimizer
@@ -43,12 +43,22 @@ LORA = ("lora.rank=64", "lora.alpha=1024", "train.max_grad_norm=0.01", "train.ad
         "ema.decay=0.99")
 
 
-def _deepspeed(args: list[str], tmp_path, fails: bool = False, **settings) -> subprocess.CompletedProcess:
+# ZeRO-3 in a DeepSpeed config file: weights under 1e5 elements (all of the tiny model's)
+# would otherwise stay whole on every process ("persistent"), and nothing would be partitioned.
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def _deepspeed(args: list[str], tmp_path, fails: bool = False, ds_config: dict | None = None, **settings) -> subprocess.CompletedProcess:
     """``sdtune/train.py ARGS`` on two CPU processes under recipes/accelerate/deepspeed_zero2.yaml,
-    its deepspeed_config updated with ``settings`` (``fails``: the run must stop with an error)."""
+    its deepspeed_config updated with ``settings``, or replaced by a DeepSpeed config file
+    holding ``ds_config`` (``fails``: the run must stop with an error)."""
     config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml").read_text(encoding="utf-8"))
     config |= {"num_processes": 2, "mixed_precision": "no", "gpu_ids": None}
     config["deepspeed_config"] |= settings
+    if ds_config is not None:  # accelerate then takes nothing DeepSpeed's from its own config, precision included
+        (tmp_path / "deepspeed.json").write_text(json.dumps(ds_config), encoding="utf-8")
+        config["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "deepspeed.json"), "zero3_init_flag": False}
+        del config["mixed_precision"]
     path = tmp_path / "deepspeed_cpu.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     command = [str(ACCELERATE), "launch", "-q", "--config_file", str(path), "--main_process_port", str(free_port()),
@@ -58,16 +68,6 @@ def _deepspeed(args: list[str], tmp_path, fails: bool = False, **settings) -> su
     assert (run.returncode != 0) == fails, run.stderr[-4000:]
     assert "; 2 process(es) on cpu, DEEPSPEED" in run.stdout
     return run
-
-
-class _RunsCode:
-    """Unpickled, it creates ``path``."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return Path.touch, (Path(self.path),)
 
 
 def _pixels(path) -> np.ndarray:
@@ -121,7 +121,7 @@ def test_deepspeed_lora_trains_like_one_process_checkpoints_small_and_resumes_ex
     # DeepSpeed's own loader would unpickle anything; sdtune's reads tensors, containers and
     # DeepSpeed's three record types only. An optimizer partition that would run code is refused.
     marker = tmp_path / "ran"
-    torch.save({"optimizer_state_dict": _RunsCode(marker)}, copied / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    torch.save({"optimizer_state_dict": RunsCode(marker)}, copied / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     run = _deepspeed([*args, "--resume", str(copied)], tmp_path, fails=True)
     assert "cannot be read (UnpicklingError" in run.stderr and not marker.exists()
 
@@ -160,6 +160,53 @@ def test_deepspeed_in_bf16_runs_the_unet_under_sdtunes_autocast_and_trains_like_
         assert difference / torch.cat([one[k].flatten() for k in keys]).norm() < tolerance, part
 
 
+def test_deepspeed_zero3_lora_gathers_its_results_and_previews_and_resumes_exactly(tiny_v, small_dataset, tmp_path):
+    """ZeRO-3 partitions the weights themselves, frozen ones too: results, step exports and
+    previews are gathered into a skeleton on the main process, as under FSDP. The DeepSpeed
+    run goes first, so that it encodes the captions itself (transformers would load the text
+    encoder partitioned under ZeRO-3, and encoding would fail)."""
+    cache, stem, lora = tmp_path / "cache", "tiny-demo", (*LORA, "ema.enabled=false")
+    args = _recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, *lora, *PREVIEWS, "checkpoint.every_steps=10")
+    run = _deepspeed(args, tmp_path, ds_config=ZERO3)
+    assert re.search(r"text cache [1-9][0-9]* encoded", run.stdout), run.stdout  # the DeepSpeed run encoded the captions
+    result = main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *lora, *PREVIEWS, "checkpoint.every_steps=10"))
+    one, two = _lora(result.output), _lora(tmp_path / "two" / f"{stem}.safetensors")
+    assert _max_difference(two, one) < TOLERANCE, _max_difference(two, one)
+    step10 = _lora(tmp_path / "two" / f"{stem}-step000010.safetensors")
+    assert _max_difference(step10, _lora(tmp_path / "one" / f"{stem}-step000010.safetensors")) < TOLERANCE
+    assert "got no gradient" not in run.stderr
+    validation = result.validation[-1][1]
+    assert f"validation loss {sum(validation.values()) / len(validation):.4f} at step 20" in run.stdout
+    for step in (10, 20):
+        drawn = [_pixels(tmp_path / run_dir / "previews" / stem / f"step-{step:06d}.png") for run_dir in ("two", "one")]
+        assert drawn[0].shape == drawn[1].shape and np.abs(drawn[0] - drawn[1]).max() <= 2
+
+    # Each process writes its partition of the LoRA's weights (not the frozen UNet's) and of the optimizer state.
+    checkpoint = tmp_path / "two" / "checkpoints" / stem / "step-00000010"
+    assert {p.name for p in (checkpoint / "pytorch_model").iterdir()} == {
+        f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")}
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    (tmp_path / "resumed" / f"{stem}.safetensors").unlink()
+    copied = tmp_path / "resumed" / "checkpoints" / stem / "step-00000010"
+    args = _recipe(tiny_v, small_dataset, tmp_path / "resumed", cache, 2, 1, *lora, *PREVIEWS, "checkpoint.every_steps=10")
+    run = _deepspeed([*args, "--resume", str(copied)], tmp_path, ds_config=ZERO3)
+    resumed = _lora(tmp_path / "resumed" / f"{stem}.safetensors")
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
+
+
+def test_deepspeed_zero3_full_finetune_writes_the_gathered_unet(tiny_v, small_dataset, tmp_path):
+    cache, full = tmp_path / "cache", ("train.method=full", "train.optimizer=adamw", "train.max_steps=6", "ema.enabled=false",
+                                       "train.max_grad_norm=0.01", "train.adam_epsilon=1.0", "train.learning_rate=0.05")
+    _deepspeed(_recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, *full), tmp_path, ds_config=ZERO3)
+    one = load_file(main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *full)).output)
+    two = load_file(tmp_path / "two" / "tiny-demo.safetensors")
+    assert one.keys() == two.keys()
+    unet = [k for k in one if k.startswith("model.diffusion_model.") and one[k].numel()]
+    base = load_file(tiny_v / "unet" / "diffusion_pytorch_model.safetensors")
+    assert sum(v.numel() for v in base.values()) == sum(one[k].numel() for k in unet)  # the whole UNet, gathered
+    assert max((one[k] - two[k]).abs().max().item() for k in one if one[k].numel()) < 1e-6  # the text encoder and VAE too
+
+
 def _plugin(**config):
     return SimpleNamespace(zero_stage=config.get("zero_optimization", {}).get("stage", 2), deepspeed_config=config)
 
@@ -167,8 +214,8 @@ def _plugin(**config):
 def test_deepspeed_configs_sdtune_is_not_built_on_are_refused_at_start():
     check_config(_plugin(zero_optimization={"stage": 2}))
     check_config(_plugin(zero_optimization={"stage": 1}))
-    with pytest.raises(UserError, match="zero_stage is 3.*stage 1 or 2"):
-        check_config(_plugin(zero_optimization={"stage": 3}))
+    with pytest.raises(UserError, match="zero_stage is 0.*stage 1, 2 or 3"):
+        check_config(_plugin(zero_optimization={"stage": 0}))
     for section in ("optimizer", "scheduler"):
         with pytest.raises(UserError, match=f"has an {section} section.*Remove the {section} section"):
             check_config(_plugin(**{section: {"type": "AdamW"}}))
@@ -212,5 +259,10 @@ def test_what_deepspeed_cannot_train_is_refused_before_training():
         check_trainable({"unet": torch.nn.Linear(4, 4).requires_grad_(False), "text_encoder": text_encoder}, optimizer("adamw"), _plugin(), "no")
     with pytest.raises(UserError, match="trains the UNet only.*lora.text_encoder: false"):
         check_trainable({"unet": unet, "text_encoder": text_encoder}, optimizer("adamw"), _plugin(), "no")
+    zero3 = _plugin(zero_optimization={"stage": 3})
+    check_trainable({"unet": unet}, optimizer("adamw"), zero3, "bf16", ema=False)
+    check_trainable({"unet": unet}, optimizer("adamw"), _plugin(), "bf16", ema=True)
+    with pytest.raises(UserError, match="ema.enabled under DeepSpeed ZeRO-3.*ema.enabled: false.*zero_stage: 2"):
+        check_trainable({"unet": unet}, optimizer("adamw"), zero3, "bf16", ema=True)
     with pytest.raises(UserError, match="fp16 under DeepSpeed.*bf16"):
         check_trainable({"unet": unet}, optimizer("adamw"), _plugin(), "fp16")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,8 +46,9 @@ PREVIEWS = ("preview.prompts=[a zwx circle in the center]", "preview.every_steps
             "data.validation_split=4", "validation.every_steps=10")  # 4 left: whole global batches of 4
 
 
-def _fsdp(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    """``sdtune/train.py ARGS`` on two CPU processes under recipes/accelerate/fsdp.yaml."""
+def _fsdp(args: list[str], tmp_path, fails: bool = False) -> subprocess.CompletedProcess:
+    """``sdtune/train.py ARGS`` on two CPU processes under recipes/accelerate/fsdp.yaml
+    (``fails``: the run must stop with an error)."""
     config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text(encoding="utf-8"))
     config |= {"use_cpu": True, "num_processes": 2, "mixed_precision": "no"}
     path = tmp_path / "fsdp_cpu.yaml"
@@ -54,9 +57,19 @@ def _fsdp(args: list[str], tmp_path) -> subprocess.CompletedProcess:
                "--dynamo_backend", "no", str(ROOT / "tests" / "fsdp_on_cpu.py"), *args]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-4000:]
+    assert (run.returncode != 0) == fails, run.stderr[-4000:]
     assert "; 2 process(es) on cpu, FSDP" in run.stdout
     return run
+
+
+class RunsCode:
+    """Unpickled, it creates ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.path),)
 
 
 def _pixels(path) -> np.ndarray:
@@ -108,6 +121,13 @@ def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_
     resumed = _lora(tmp_path / "resumed" / f"{stem}.safetensors")
     assert all(torch.equal(resumed[k], two[k]) for k in two)
 
+    # torch reads the metadata of its distributed checkpoints with pickle.load; sdtune checks it
+    # first, so a metadata file that would run code is refused without running it.
+    marker = tmp_path / "ran"
+    (copied / "optimizer_0" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    run = _fsdp([*args, "--resume", str(copied)], tmp_path, fails=True)
+    assert "cannot be read (UnpicklingError: pathlib.Path.touch is not part of" in run.stderr and not marker.exists()
+
     # Without FSDP the checkpoint cannot be resumed: it holds slices of the weights.
     with pytest.raises(UserError, match="written under FSDP, and this run does not use it"):
         main([*_recipe(tiny_v, small_dataset, tmp_path / "resumed", cache, 2, 2, *LORA, *PREVIEWS), "--resume", str(copied)])
@@ -151,7 +171,7 @@ def test_fsdp_in_bf16_keeps_the_frozen_weights_fp32_and_trains_like_one_process(
 
 def _view(optimizer: str = "adamw", **models):
     groups = [{"params": [p for m in models.values() for p in m.parameters() if p.requires_grad], "lr": 1e-3}]
-    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1, mixed_precision="no")
     return ModelView(models, make_optimizer(groups, optimizer, (0.9, 0.999), 0.01, 1e-8), accelerator)
 
 
