@@ -57,14 +57,8 @@ def _check_shardable(models: dict[str, torch.nn.Module], optimizer: torch.optim.
         name, why = SLICE_UNSAFE_OPTIMIZERS.get(kind, (kind, "it is not known to work on FSDP's flat slices"))
         raise UserError(f"train.optimizer: {name} cannot train under FSDP: {why}. Set train.optimizer: adamw (under "
                         f"FSDP each GPU holds 1/N of its state: docs/distributed.md) or lion, or {DDP_INSTEAD}")
-    if not any(p.requires_grad for p in models["unet"].parameters()):
-        raise UserError("FSDP shards the weights that train, and this run trains none of the UNet's (textual inversion "
-                        f"trains rows of the text encoder's embedding): {DDP_INSTEAD}")
-    if len(models) > 1:
-        raise UserError(
-            "under FSDP sdtune trains the UNet only: accelerate saves an FSDP optimizer's state with the first model "
-            "alone, so the checkpoints of a run that also trains the text encoder would lose its part. Set "
-            f"lora.text_encoder: false (LoRA) or train.full_text_encoder: false (full fine-tune), or {DDP_INSTEAD}")
+    zero.check_unet_only(models, "FSDP", "accelerate saves an FSDP optimizer's state with the first model alone, so the "
+                         "checkpoints of a run that also trains the text encoder would lose its part", DDP_INSTEAD)
 
 
 def skeleton(module: torch.nn.Module) -> torch.nn.Module:

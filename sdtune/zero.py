@@ -122,13 +122,7 @@ def check_trainable(models: dict[str, torch.nn.Module], optimizer, plugin, mixed
         name = None
     if name is not None:
         raise UserError(f"train.optimizer: {name} cannot train under DeepSpeed: {why}. Set train.optimizer: adamw, or {DDP_INSTEAD}")
-    if not any(p.requires_grad for p in models["unet"].parameters()):
-        raise UserError("DeepSpeed trains the UNet's weights, and this run trains none of them (textual inversion trains rows "
-                        f"of the text encoder's embedding): {DDP_INSTEAD}")
-    if len(models) > 1:
-        raise UserError(
-            "under DeepSpeed sdtune trains the UNet only: accelerate gives DeepSpeed one model per engine. Set "
-            f"lora.text_encoder: false (LoRA) or train.full_text_encoder: false (full fine-tune), or {DDP_INSTEAD}")
+    check_unet_only(models, "DeepSpeed", "accelerate gives DeepSpeed one model per engine", DDP_INSTEAD)
     if ema and plugin.zero_stage == 3:
         raise UserError(
             "ema.enabled under DeepSpeed ZeRO-3: each process holds a partition of every weight, and the EMA sdtune keeps "
@@ -138,6 +132,17 @@ def check_trainable(models: dict[str, torch.nn.Module], optimizer, plugin, mixed
     if mixed_precision == "fp16":
         raise UserError("train.mixed_precision: fp16 under DeepSpeed is not supported by sdtune (its loss scaling is not "
                         "proven there). Set train.mixed_precision: bf16 (or no), or " + DDP_INSTEAD)
+
+
+def check_unet_only(models: dict[str, torch.nn.Module], engine: str, why: str, instead: str) -> None:
+    """Under FSDP and DeepSpeed sdtune trains weights of the UNet, and the UNet alone (``why``:
+    what would go wrong with the text encoder too; ``instead``: what to do)."""
+    if not any(p.requires_grad for p in models["unet"].parameters()):
+        raise UserError(f"{engine} trains weights of the UNet, and this run trains none of them (textual inversion trains "
+                        f"rows of the text encoder's embedding): {instead}")
+    if len(models) > 1:
+        raise UserError(f"under {engine} sdtune trains the UNet only: {why}. Set lora.text_encoder: false (LoRA) or "
+                        f"train.full_text_encoder: false (full fine-tune), or {instead}")
 
 
 # The DeepSpeed record types an optimizer partition file holds besides tensors and

@@ -14,20 +14,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import ACCELERATE, ROOT, free_port
-from PIL import Image
 from safetensors.torch import load_file
 from test_distributed import TOLERANCE, _lora, _max_difference, _recipe
-from test_fsdp import PREVIEWS, RunsCode
+from test_fsdp import PREVIEWS, RunsCode, assert_previews_match, resumable_copy
 
 from sdtune.errors import UserError
 from sdtune.optim import make_optimizer
@@ -70,10 +67,6 @@ def _deepspeed(args: list[str], tmp_path, fails: bool = False, ds_config: dict |
     return run
 
 
-def _pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path)).astype(int)
-
-
 def test_deepspeed_lora_trains_like_one_process_checkpoints_small_and_resumes_exactly(tiny_v, small_dataset, tmp_path):
     cache, stem = tmp_path / "cache", "tiny-demo"
     result = main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *LORA, *PREVIEWS, "checkpoint.every_steps=10"))
@@ -90,9 +83,7 @@ def test_deepspeed_lora_trains_like_one_process_checkpoints_small_and_resumes_ex
     # Every LoRA layer's gradient is seen in step 1, before DeepSpeed moves it into its partitions.
     assert "got no gradient" not in run.stderr
     assert f"validation loss {sum(validation.values()) / len(validation):.4f} at step 20" in run.stdout
-    for step in (10, 20):  # base, LoRA and EMA rows, drawn from the unwrapped model as without DeepSpeed
-        drawn = [_pixels(tmp_path / run_dir / "previews" / stem / f"step-{step:06d}.png") for run_dir in ("two", "one")]
-        assert drawn[0].shape == drawn[1].shape and np.abs(drawn[0] - drawn[1]).max() <= 2
+    assert_previews_match(tmp_path, stem, (10, 20))  # base, LoRA and EMA rows, from the unwrapped model as without DeepSpeed
 
     # The checkpoint is DeepSpeed's: the LoRA's weights alone (not the frozen UNet) and each
     # process's optimizer partition, with every process's RNG; sdtune's EMA beside them.
@@ -109,9 +100,7 @@ def test_deepspeed_lora_trains_like_one_process_checkpoints_small_and_resumes_ex
     # Resumed from step 10, it ends where the uninterrupted run did, bit for bit: weights, the
     # CPU Adam's moments, the learning-rate schedule (which must follow the CPU Adam's groups
     # once the checkpoint has replaced them: 2e-3 away otherwise), EMA, RNG and data order.
-    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
-    (tmp_path / "resumed" / f"{stem}.safetensors").unlink()
-    copied = tmp_path / "resumed" / "checkpoints" / stem / "step-00000010"
+    copied = resumable_copy(tmp_path, stem, 10)
     args = _recipe(tiny_v, small_dataset, tmp_path / "resumed", cache, 2, 1, *LORA, *PREVIEWS, "checkpoint.every_steps=10")
     run = _deepspeed([*args, "--resume", str(copied)], tmp_path)
     assert f"resumed from {copied} at step 10" in run.stdout
@@ -180,17 +169,13 @@ def test_deepspeed_zero3_lora_gathers_its_results_and_previews_and_resumes_exact
     assert "got no gradient" not in run.stderr
     validation = result.validation[-1][1]
     assert f"validation loss {sum(validation.values()) / len(validation):.4f} at step 10" in run.stdout
-    for step in (5, 10):
-        drawn = [_pixels(tmp_path / run_dir / "previews" / stem / f"step-{step:06d}.png") for run_dir in ("two", "one")]
-        assert drawn[0].shape == drawn[1].shape and np.abs(drawn[0] - drawn[1]).max() <= 2
+    assert_previews_match(tmp_path, stem, (5, 10))
 
     # Each process writes its partition of the LoRA's weights (not the frozen UNet's) and of the optimizer state.
     checkpoint = tmp_path / "two" / "checkpoints" / stem / "step-00000005"
     assert {p.name for p in (checkpoint / "pytorch_model").iterdir()} == {
         f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")}
-    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
-    (tmp_path / "resumed" / f"{stem}.safetensors").unlink()
-    copied = tmp_path / "resumed" / "checkpoints" / stem / "step-00000005"
+    copied = resumable_copy(tmp_path, stem, 5)
     args = _recipe(tiny_v, small_dataset, tmp_path / "resumed", cache, 2, 1, *lora, *PREVIEWS, *EVERY_5)
     run = _deepspeed([*args, "--resume", str(copied)], tmp_path, ds_config=ZERO3)
     resumed = _lora(tmp_path / "resumed" / f"{stem}.safetensors")

@@ -76,6 +76,21 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(int)
 
 
+def resumable_copy(tmp_path, stem: str, step: int):
+    """A copy of the run folder ``two`` without its result, as ``resumed``; returns the copy's
+    checkpoint at ``step``."""
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    (tmp_path / "resumed" / f"{stem}.safetensors").unlink()
+    return tmp_path / "resumed" / "checkpoints" / stem / f"step-{step:08d}"
+
+
+def assert_previews_match(root, stem: str, steps: tuple[int, ...], runs=("two", "one"), levels: int = 2) -> None:
+    """The previews the runs under ``root`` drew at ``steps`` differ by at most ``levels``."""
+    for step in steps:
+        drawn = [_pixels(root / run / "previews" / stem / f"step-{step:06d}.png") for run in runs]
+        assert drawn[0].shape == drawn[1].shape and np.abs(drawn[0] - drawn[1]).max() <= levels, step
+
+
 def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_v, small_dataset, tmp_path):
     cache, stem = tmp_path / "cache", "tiny-demo"
     result = main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *LORA, *PREVIEWS, "checkpoint.every_steps=10"))
@@ -97,9 +112,7 @@ def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_
     # A LoRA under FSDP is said to be better served by DDP: its checkpoints hold the whole UNet.
     assert "sdtune: note: a LoRA under FSDP" in run.stderr
     # Previews, raw and EMA rows, drawn from the gathered weights as the unsharded run drew them.
-    for step in (10, 20):
-        drawn = [_pixels(tmp_path / run_dir / "previews" / stem / f"step-{step:06d}.png") for run_dir in ("two", "one")]
-        assert drawn[0].shape == drawn[1].shape and np.abs(drawn[0] - drawn[1]).max() <= 2
+    assert_previews_match(tmp_path, stem, (10, 20))
 
     # The checkpoint is the engine's: each process's slice of the weights and optimizer state
     # (torch's distributed checkpoint), its RNG and its EMA slice; no gathered copy.
@@ -111,9 +124,7 @@ def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_
 
     # Resumed from step 10 (a copy of the run folder without its results), it ends where the
     # uninterrupted run did, bit for bit: weights, AdamW's moments, EMA, RNG and data order.
-    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
-    (tmp_path / "resumed" / f"{stem}.safetensors").unlink()
-    copied = tmp_path / "resumed" / "checkpoints" / stem / "step-00000010"
+    copied = resumable_copy(tmp_path, stem, 10)
     args = _recipe(tiny_v, small_dataset, tmp_path / "resumed", cache, 2, 1, *LORA, *PREVIEWS, "checkpoint.every_steps=10")
     run = _fsdp([*args, "--resume", str(copied)], tmp_path)
     assert f"resumed from {copied} at step 10" in run.stdout
@@ -177,7 +188,7 @@ def _view(optimizer: str = "adamw", **models):
 
 def test_what_fsdp_cannot_shard_is_refused_before_training():
     unet, text_encoder = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-    with pytest.raises(UserError, match="trains none of the UNet's.*textual inversion"):
+    with pytest.raises(UserError, match="trains weights of the UNet, and this run trains none of them.*textual inversion"):
         _view(unet=torch.nn.Linear(4, 4).requires_grad_(False), text_encoder=text_encoder)
     with pytest.raises(UserError, match="trains the UNet only.*lora.text_encoder: false"):
         _view(unet=unet, text_encoder=text_encoder)
