@@ -96,16 +96,16 @@ class ModelView:
             for notice in TORCH_NOTICES:
                 warnings.filterwarnings("ignore", message=notice)
         self.skeletons = {name: skeleton(m) for name, m in models.items()} if self.gathers else {}
-        for module in self.skeletons.values() if self.precision == "bf16" else ():  # previews run them as accelerate
-            zero.autocast_forward(module, accelerator.device, self.precision)  # runs the prepared models
+        for module in self.skeletons.values():  # previews run them as accelerate runs the prepared models
+            zero.autocast_forward(module, accelerator.device, self.precision)
         self.prepared: dict[str, torch.nn.Module] = {}  # set by attach
         self.unwrapped: dict[str, torch.nn.Module] = {}
         self.optimizer = optimizer
         if self.sharded and accelerator.num_processes > 1:
             # Every process starts from the main process's trained weights, as DDP makes them (a
             # LoRA's random init is seeded per process); FSDP then keeps each process's slice.
-            # (DeepSpeed broadcasts them itself, ZeRO-3 before partitioning.)
-            # (FSDP's sync_module_states would too, but torch refuses it for CPU processes.)
+            # (FSDP's sync_module_states would too, but torch refuses it for CPU processes;
+            # DeepSpeed broadcasts them itself, ZeRO-3 before partitioning.)
             with torch.no_grad():
                 for module in models.values():
                     for param in module.parameters():

@@ -12,10 +12,11 @@ Under FSDP the weights, optimizer state and EMA weights are sharded: accelerate
 writes each process's slice of the model and optimizer (``pytorch_model_fsdp_0/``,
 ``optimizer_0/``, torch's distributed checkpoint format) and each process its EMA
 slice (``ema_<rank>.pt``); there is no ``trainable.safetensors``. Under DeepSpeed
-(ZeRO-1/2, ``sdtune.zero``) the engine writes the trained weights once
-(``pytorch_model/mp_rank_00_model_states.pt``: a LoRA's alone) and each process's
-optimizer partition (``pytorch_model/zero_pp_rank_<rank>_*``); sdtune adds the EMA
-weights and its own files, and there is no ``trainable.safetensors`` either.
+(``sdtune.zero``) the engine writes the trained weights (ZeRO-1/2: once, in
+``pytorch_model/mp_rank_00_model_states.pt``; ZeRO-3: each process its partition;
+a LoRA's alone) and each process's optimizer partition
+(``pytorch_model/zero_pp_rank_<rank>_*``); sdtune adds the EMA weights and its own
+files, and there is no ``trainable.safetensors`` either.
 Resuming continues the same trajectory, bit for bit on CPU: a run interrupted
 at step N and resumed ends with the weights of an uninterrupted one.
 

@@ -21,6 +21,7 @@ without DeepSpeed (frozen weights stored in bf16, trained ones fp32).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -55,18 +56,17 @@ def check_config(plugin) -> None:
     model is loaded whole (transformers would otherwise build the frozen text encoders
     partitioned, with ``deepspeed.zero.Init``, and nothing gathers their weights outside
     DeepSpeed's engine: the run would stop at the first caption it encodes)."""
+    if plugin.zero_stage not in (1, 2, 3):
+        raise UserError(f"the accelerate config's zero_stage is {plugin.zero_stage}; sdtune trains under DeepSpeed with "
+                        "ZeRO stage 1, 2 or 3. Set zero_stage: 2 (recipes/accelerate/deepspeed_zero2.yaml)")
     if plugin.zero_stage == 3:
         from transformers.integrations import unset_hf_deepspeed_config
 
         plugin.zero3_init_flag = False
         unset_hf_deepspeed_config()
-    config = plugin.deepspeed_config
-    if plugin.zero_stage not in (1, 2, 3):
-        raise UserError(f"the accelerate config's zero_stage is {plugin.zero_stage}; sdtune trains under DeepSpeed with "
-                        "ZeRO stage 1, 2 or 3. Set zero_stage: 2 (recipes/accelerate/deepspeed_zero2.yaml)")
     for section, recipe_keys in (("optimizer", "train.optimizer and train.learning_rate"),
                                  ("scheduler", "train.lr_scheduler and train.lr_warmup_steps")):
-        if section in config:
+        if section in plugin.deepspeed_config:
             raise UserError(
                 f"the DeepSpeed config has an {section} section; sdtune makes the {section} from the recipe "
                 f"({recipe_keys}). Remove the {section} section from the DeepSpeed config file")
@@ -82,10 +82,8 @@ def configure(accelerator, batch_size: int, accumulation: int, max_grad_norm: fl
     """Before ``prepare``: DeepSpeed's batch size, accumulation and clipping from the recipe. A
     config file that sets one of them otherwise is refused, as is an accelerate that took
     another accumulation than the recipe's (from ``--gradient_accumulation_steps``)."""
-    plugin = accelerator.state.deepspeed_plugin
-    config = plugin.deepspeed_config
-    wanted = dict(zip((key for key, _ in FROM_RECIPE), (batch_size, accumulation, float(max_grad_norm)), strict=True))
-    for (key, recipe_key), value in zip(FROM_RECIPE, wanted.values(), strict=True):
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for (key, recipe_key), value in zip(FROM_RECIPE, (batch_size, accumulation, float(max_grad_norm)), strict=True):
         current = config.get(key, "auto")
         if current != "auto" and float(current) != float(value):
             raise UserError(
@@ -112,15 +110,13 @@ def autocast_forward(module: torch.nn.Module, device: torch.device, mixed_precis
 def check_trainable(models: dict[str, torch.nn.Module], optimizer, plugin, mixed_precision: str, ema: bool = False) -> None:
     """What sdtune trains under DeepSpeed: the UNet, alone, with an optimizer whose update is
     elementwise (DeepSpeed hands it flat partitions of the weights)."""
-    kind = type(optimizer).__name__
-    if kind in ELEMENTWISE_OPTIMIZERS and kind != "AdamW" and offloads_optimizer(plugin):
+    kind, why = type(optimizer).__name__, None
+    if kind not in ELEMENTWISE_OPTIMIZERS:
+        name, why = SLICE_UNSAFE_OPTIMIZERS.get(kind, (kind, "it is not known to work on DeepSpeed's flat partitions"))
+    elif kind != "AdamW" and offloads_optimizer(plugin):
         name, why = ELEMENTWISE_OPTIMIZERS[kind], ("with offload_optimizer_device: cpu accelerate replaces the optimizer "
                                                    "by DeepSpeed's CPU Adam, so it would train with Adam")
-    elif kind not in ELEMENTWISE_OPTIMIZERS:
-        name, why = SLICE_UNSAFE_OPTIMIZERS.get(kind, (kind, "it is not known to work on DeepSpeed's flat partitions"))
-    else:
-        name = None
-    if name is not None:
+    if why is not None:
         raise UserError(f"train.optimizer: {name} cannot train under DeepSpeed: {why}. Set train.optimizer: adamw, or {DDP_INSTEAD}")
     check_unet_only(models, "DeepSpeed", "accelerate gives DeepSpeed one model per engine", DDP_INSTEAD)
     if ema and plugin.zero_stage == 3:
@@ -146,7 +142,7 @@ def check_unet_only(models: dict[str, torch.nn.Module], engine: str, why: str, i
 
 
 # The DeepSpeed record types an optimizer partition file holds besides tensors and
-# plain containers (ZeRO-2, DeepSpeed 0.19): its loss scaler, the ZeRO stage, and
+# plain containers (ZeRO-2 and 3, DeepSpeed 0.19): its loss scaler, the ZeRO stage, and
 # where each weight lies in the flat partition.
 def _checkpoint_types() -> list:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -177,11 +173,9 @@ def gather(models: dict[str, torch.nn.Module], is_main: bool) -> dict[str, dict[
     for name, model in models.items():
         state = {}
         for key, value in model.state_dict(keep_vars=True).items():
-            if hasattr(value, "ds_id"):  # a partitioned weight
-                with GatheredParameters([value], modifier_rank=None):  # collective
-                    if is_main:
-                        state[key] = value.detach().to("cpu", copy=True)
-            elif is_main:
-                state[key] = value.detach().to("cpu", copy=True)
+            partitioned = hasattr(value, "ds_id")  # a weight (buffers are whole)
+            with GatheredParameters([value], modifier_rank=None) if partitioned else contextlib.nullcontext():  # collective
+                if is_main:
+                    state[key] = value.detach().to("cpu", copy=True)
         gathered[name] = state
     return gathered if is_main else None

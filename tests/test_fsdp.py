@@ -76,6 +76,27 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(int)
 
 
+def assert_lora_like_one_process(tmp_path, stem: str, export_step: int, moved: float = 100 * TOLERANCE) -> dict[str, torch.Tensor]:
+    """The LoRA of the run in ``tmp_path / "two"`` and its step export at ``export_step`` are
+    within TOLERANCE of the one-process run's in ``tmp_path / "one"``, and training moved its up
+    weights past ``moved`` (they start at zero); returns it."""
+    one, two = (_lora(tmp_path / run / f"{stem}.safetensors") for run in ("one", "two"))
+    assert _max_difference(two, one) < TOLERANCE, _max_difference(two, one)
+    assert max(t.abs().max().item() for k, t in two.items() if "lora_up" in k) > moved
+    export = f"{stem}-step{export_step:06d}.safetensors"
+    assert _max_difference(_lora(tmp_path / "two" / export), _lora(tmp_path / "one" / export)) < TOLERANCE
+    return two
+
+
+def assert_near_by_norm(one: dict, two: dict, tolerances: dict[str, float]) -> None:
+    """For each part of the LoRA's names (``lora_up``...), ``two``'s weights differ from ``one``'s
+    by less than the tolerance times their norm."""
+    for part, tolerance in tolerances.items():
+        keys = [k for k in one if part in k]
+        difference = torch.cat([(two[k] - one[k]).flatten() for k in keys]).norm()
+        assert difference / torch.cat([one[k].flatten() for k in keys]).norm() < tolerance, part
+
+
 def resumable_copy(tmp_path, stem: str, step: int):
     """A copy of the run folder ``two`` without its result, as ``resumed``; returns the copy's
     checkpoint at ``step``."""
@@ -94,16 +115,12 @@ def assert_previews_match(root, stem: str, steps: tuple[int, ...], runs=("two", 
 def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_v, small_dataset, tmp_path):
     cache, stem = tmp_path / "cache", "tiny-demo"
     result = main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *LORA, *PREVIEWS, "checkpoint.every_steps=10"))
-    one, validation = _lora(result.output), result.validation[-1][1]
+    validation = result.validation[-1][1]
 
     run = _fsdp(_recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, *LORA, *PREVIEWS, "checkpoint.every_steps=10"), tmp_path)
     # The result and the step export, from the gathered weights: kohya names (no FSDP
     # wrapper in them), whole shapes, the unsharded run's values; written once.
-    two = _lora(tmp_path / "two" / f"{stem}.safetensors")
-    assert _max_difference(two, one) < TOLERANCE, _max_difference(two, one)
-    assert max(t.abs().max().item() for k, t in two.items() if "lora_up" in k) > 100 * TOLERANCE
-    step10 = _lora(tmp_path / "two" / f"{stem}-step000010.safetensors")
-    assert _max_difference(step10, _lora(tmp_path / "one" / f"{stem}-step000010.safetensors")) < TOLERANCE
+    two = assert_lora_like_one_process(tmp_path, stem, 10)
     assert run.stdout.count(f"{stem}.safetensors\n") == 1
     # Every LoRA layer got a gradient in step 1 on some process: the step-1 check asks them all.
     assert "got no gradient" not in run.stderr
@@ -173,16 +190,13 @@ def test_fsdp_in_bf16_keeps_the_frozen_weights_fp32_and_trains_like_one_process(
     cache, bf16 = tmp_path / "cache", ("train.mixed_precision=bf16", "train.max_steps=10")
     one = _lora(main(_recipe(tiny_v, small_dataset, tmp_path / "one", cache, 2, 2, *bf16)).output)
     _fsdp(_recipe(tiny_v, small_dataset, tmp_path / "two", cache, 2, 1, *bf16), tmp_path)
-    two = _lora(tmp_path / "two" / "tiny-demo.safetensors")
-    for part, tolerance in (("lora_up", 0.05), ("lora_down", 0.01)):
-        keys = [k for k in one if part in k]
-        difference = torch.cat([(two[k] - one[k]).flatten() for k in keys]).norm()
-        assert difference / torch.cat([one[k].flatten() for k in keys]).norm() < tolerance, part
+    assert_near_by_norm(one, _lora(tmp_path / "two" / "tiny-demo.safetensors"), {"lora_up": 0.05, "lora_down": 0.01})
 
 
 def _view(optimizer: str = "adamw", **models):
     groups = [{"params": [p for m in models.values() for p in m.parameters() if p.requires_grad], "lr": 1e-3}]
-    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1, mixed_precision="no")
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1, mixed_precision="no",
+                                  device=torch.device("cpu"))
     return ModelView(models, make_optimizer(groups, optimizer, (0.9, 0.999), 0.01, 1e-8), accelerator)
 
 
