@@ -69,8 +69,20 @@ setup() {  # setup run|test: install requirements/<kind>.lock, then sdtune itsel
     "$PY" -m pip install --quiet -r "$reqs"
     # sdtune itself, against what the lock installed (no resolving, no newer build backend).
     "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
+    [ "$kind" = test ] && build_deepspeed_ops
     rm -f "$VENV"/.sdtune-installed-*
     touch "$stamp"
+}
+
+build_deepspeed_ops() {  # compile the DeepSpeed CPU ops the tests use, once, while nothing else runs
+    # DeepSpeed builds them on first use (about 1.5 min alone on 2 cores); inside the suite,
+    # beside a second test worker, that took 5 min. Built into TORCH_EXTENSIONS_DIR.
+    echo "launch.sh: building DeepSpeed's CPU ops for the tests (once per lock) into $TORCH_EXTENSIONS_DIR" >&2
+    DS_ACCELERATOR=cpu "$PY" -c '
+from deepspeed.accelerator import get_accelerator
+for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+    get_accelerator().create_op_builder(name).load(verbose=False)
+' >/dev/null
 }
 
 latest() {  # latest [PYTEST ARGS]: the suite on the newest releases, in a venv of its own
@@ -188,6 +200,8 @@ case "${1:-demo}" in
             latest "$@"
             exit $?
         fi
+        # DeepSpeed's compiled CPU ops live with the venv they were built against.
+        export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(realpath -m "$VENV/torch-extensions")}
         setup test
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
         # One test worker per core (at most 4; SDTUNE_TEST_WORKERS=N to choose, 0 for none):
