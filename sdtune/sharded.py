@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,12 +23,18 @@ import torch
 import torch.distributed.checkpoint as dcp
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from sdtune import zero
 from sdtune.errors import UserError
 from sdtune.optim import ELEMENTWISE_OPTIMIZERS, SLICE_UNSAFE_OPTIMIZERS
+
+# sdtune's FSDP checkpoint folder: each process's slices of the weights that train and of their
+# optimizer state (torch's distributed checkpoint format); a LoRA's frozen base is not in it.
+TRAINED_FOLDER = "fsdp_trained"
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
 
 DDP_INSTEAD = "train without FSDP: on one process, or with DDP (recipes/accelerate/multi_gpu.yaml, or launch.sh train --processes N)"
 
@@ -89,16 +94,13 @@ class ModelView:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.sharded:
             _check_shardable(models, optimizer)
-            if any(not p.requires_grad for p in models["unet"].parameters()) and accelerator.is_main_process:
-                print("sdtune: note: a LoRA under FSDP trains as without it, but each checkpoint holds the whole UNet "
-                      "(accelerate's FSDP save writes every weight's slice); a LoRA fits one GPU, and DDP "
-                      "(recipes/accelerate/multi_gpu.yaml) keeps its checkpoints small", file=sys.stderr)
             for notice in TORCH_NOTICES:
                 warnings.filterwarnings("ignore", message=notice)
         self.skeletons = {name: skeleton(m) for name, m in models.items()} if self.gathers else {}
         for module in self.skeletons.values():  # previews run them as accelerate runs the prepared models
             zero.autocast_forward(module, accelerator.device, self.precision)
         self.prepared: dict[str, torch.nn.Module] = {}  # set by attach
+        self.schedules: list = []  # the prepared learning-rate schedule, set by attach
         self.unwrapped: dict[str, torch.nn.Module] = {}
         self.optimizer = optimizer
         if self.sharded and accelerator.num_processes > 1:
@@ -112,11 +114,11 @@ class ModelView:
                         if param.requires_grad:
                             torch.distributed.broadcast(param.data, src=0)
 
-    def attach(self, prepared: list[torch.nn.Module]) -> tuple[dict[str, torch.nn.Module], list[torch.nn.Parameter]]:
-        """Record the prepared models (in the order of ``models``); returns them unwrapped (the
-        modules the run trains: under FSDP each holds its process's slice of the weights), and
-        the parameters that train (under FSDP, their slices)."""
-        self.prepared = dict(zip(self.models, prepared, strict=True))
+    def attach(self, prepared: list[torch.nn.Module], schedule) -> tuple[dict[str, torch.nn.Module], list[torch.nn.Parameter]]:
+        """Record the prepared models (in the order of ``models``) and learning-rate schedule;
+        returns the models unwrapped (the modules the run trains: under FSDP each holds its
+        process's slice of the weights), and the parameters that train (under FSDP, their slices)."""
+        self.prepared, self.schedules = dict(zip(self.models, prepared, strict=True)), [schedule]
         self.unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.prepared.items()}
         if self.deepspeed:
             zero.load_safely(self.prepared["unet"])
@@ -132,16 +134,30 @@ class ModelView:
             return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
         return self.accelerator.autocast()
 
-    def load_optimizer(self, checkpoint: Path) -> None:
-        """Load the optimizer's sharded state from ``checkpoint`` (every process). accelerate
-        1.16 loads it into a template taken from the optimizer, which holds no state before
-        the first step, so nothing is loaded, without a word, and a resumed run restarts
-        AdamW's moments; torch's loader for FSDP optimizer state takes the template from
-        the checkpoint's own metadata."""
+    def save_trained(self, checkpoint: Path) -> None:
+        """Write this process's slices of the weights that train and of their optimizer state into
+        ``checkpoint/TRAINED_FOLDER`` (every process). accelerate's FSDP save would write every
+        weight's slice, a LoRA's frozen base too: a LoRA checkpoint would hold the whole UNet."""
+        model = self.prepared["unet"]
+        state = {"model": get_model_state_dict(model, options=TRAINED_ONLY)}
+        with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+            state["optimizer"] = FSDP.optim_state_dict(model, self.optimizer)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(Path(checkpoint) / TRAINED_FOLDER)))
+
+    def load_trained(self, checkpoint: Path) -> None:
+        """Load what ``save_trained`` wrote (every process). The optimizer's state is read with
+        torch's loader for FSDP optimizer state, which takes its template from the checkpoint's
+        metadata: accelerate 1.16's takes it from the optimizer, which holds no state before the
+        first step, so nothing is loaded, without a word, and a resumed run restarts AdamW's moments."""
         model, optimizer = self.prepared["unet"], self.optimizer
+        reader = dcp.FileSystemReader(str(Path(checkpoint) / TRAINED_FOLDER))
+        trained = get_model_state_dict(model, options=TRAINED_ONLY)
+        dcp.load({"model": trained}, storage_reader=reader)
+        # Loaded with every other weight's slice as it is, so that FSDP finds them all.
+        set_model_state_dict(model, get_model_state_dict(model) | trained)
         with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
             state = load_sharded_optimizer_state_dict(model_state_dict=model.state_dict(), optimizer_key="optimizer",
-                                                      storage_reader=dcp.FileSystemReader(str(Path(checkpoint) / "optimizer_0")))
+                                                      storage_reader=reader)
             optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
 
     def whole(self) -> dict[str, torch.nn.Module] | None:

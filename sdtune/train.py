@@ -138,7 +138,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                      zero.Settings(opt.batch_size, opt.gradient_accumulation_steps, opt.max_grad_norm, recipe.ema.enabled))
     *trained, optimizer, lr_scheduler = prepare_models(accelerator, list(view.models.values()), optimizer, lr_scheduler)  # a frozen UNet is not wrapped
     unet, encoder = trained[0], trained[1] if train_te else text_encoder  # what the loop runs
-    models, params = view.attach(trained)
+    models, params = view.attach(trained, lr_scheduler)
     step_unet = torch.compile(unet, backend="inductor" if opt.compile is True else opt.compile) if opt.compile else unet  # steps only
     scheduler = parts.noise_scheduler
     setup = StepSetup(scheduler, Objective(opt.min_snr_gamma, opt.debiased_estimation, opt.loss_type, opt.huber_c), scaling,

@@ -8,10 +8,12 @@ process's RNG (``random_states_<rank>.pkl``). sdtune adds the trainable weights
 the EMA weights
 (``ema.pt``), where in the data order the run was and which run it belongs to
 (``position.json``), the recipe, and the history so far (for report.html).
-Under FSDP the weights, optimizer state and EMA weights are sharded: accelerate
-writes each process's slice of the model and optimizer (``pytorch_model_fsdp_0/``,
-``optimizer_0/``, torch's distributed checkpoint format) and each process its EMA
-slice (``ema_<rank>.pt``); there is no ``trainable.safetensors``. Under DeepSpeed
+Under FSDP the weights, optimizer state and EMA weights are sharded: each process
+writes its slices of the weights that train and of their optimizer state
+(``fsdp_trained/``, torch's distributed checkpoint format: a LoRA's alone, as
+accelerate's FSDP save would write the whole UNet's) and of the EMA weights
+(``ema_<rank>.pt``), and accelerate's state machinery the rest; there is no
+``trainable.safetensors``. Under DeepSpeed
 (``sdtune.zero``) the engine writes the trained weights (ZeRO-1/2: once, in
 ``pytorch_model/mp_rank_00_model_states.pt``; ZeRO-3: each process its partition;
 a LoRA's alone) and each process's optimizer partition
@@ -41,6 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import MODEL_NAME, broadcast_object_list
 from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
@@ -51,8 +54,8 @@ from sdtune.errors import RecipeError, UserError
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "position.json", "recipe.json", "optimizer.bin")
-SHARDED_FOLDERS = (f"{MODEL_NAME}_fsdp_0", "optimizer_0")  # accelerate's FSDP folders (torch's distributed checkpoints)
-SHARDED_FILES = (*SHARDED_FOLDERS, "position.json", "recipe.json")
+SHARDED_FILES = ("fsdp_trained", "position.json", "recipe.json")  # sharded.TRAINED_FOLDER: torch's distributed checkpoint
+OLD_SHARDED = f"{MODEL_NAME}_fsdp_0"  # accelerate's FSDP folder, which held every weight's slice (older sdtune)
 DEEPSPEED_FILES = (MODEL_NAME, "position.json", "recipe.json")  # DeepSpeed's folder: weights and optimizer partitions
 OLD_FORMAT = "states.pt"  # the single-process format of sdtune before accelerate wrote the engine state
 
@@ -144,12 +147,13 @@ def load_checkpoint(path: Path) -> tuple[Position, dict[str, torch.Tensor], dict
     path = Path(path)
     position = _read_position(path)
     expected = SHARDED_FILES if position.sharded else DEEPSPEED_FILES if position.deepspeed else FILES
+    for old in (OLD_FORMAT, OLD_SHARDED):
+        if (path / old).exists():
+            raise UserError(f"checkpoint {path} was written by an older sdtune (it has {old}); finish that run with "
+                            "the sdtune that started it, or start this one afresh")
     missing = [name for name in expected if not (path / name).exists()]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); resume from another one")
-    if (path / OLD_FORMAT).is_file():
-        raise UserError(f"checkpoint {path} was written by an older sdtune (it has {OLD_FORMAT}); finish that run with "
-                        "the sdtune that started it, or start this one afresh")
     try:
         trainable = {} if position.sharded or position.deepspeed else load_file(path / "trainable.safetensors")
         recipe = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
@@ -203,13 +207,16 @@ def save_state(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    # accelerate would write the whole models; sdtune writes only what trains (under FSDP
-    # accelerate writes each process's slice of the model, frozen weights included).
-    hook = accelerator.register_save_state_pre_hook(lambda _models, weights, _dir: weights.clear())
-    try:
-        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if view.deepspeed else {}))
-    finally:
-        hook.remove()
+    if view.sharded:  # the trained weights' and optimizer's slices, then accelerate's state of the rest
+        view.save_trained(tmp)
+        save_accelerator_state(str(tmp), [], [], view.schedules, [], accelerator.process_index, accelerator.step,
+                               accelerator.scaler)
+    else:  # accelerate would write the whole models; sdtune writes only what trains
+        hook = accelerator.register_save_state_pre_hook(lambda _models, weights, _dir: weights.clear())
+        try:
+            accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if view.deepspeed else {}))
+        finally:
+            hook.remove()
     if ema is not None and view.sharded:
         torch.save(ema.state_dict(), _ema_file(tmp, True, accelerator.process_index))
     accelerator.wait_for_everyone()
@@ -242,7 +249,7 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
     """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a
     changed one; ``view``: a ``sharded.ModelView`` of the trained models). Returns where
     the run is and its history so far."""
-    from sdtune.sharded import check_metadata, is_sharded
+    from sdtune.sharded import TRAINED_FOLDER, check_metadata, is_sharded
     from sdtune.zero import is_deepspeed
 
     position, trainable, saved_recipe, history = load_checkpoint(path)
@@ -274,10 +281,11 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
         # then silently leave the trajectory, so read it first and stop instead.
         accelerate_load(Path(path) / f"random_states_{accelerator.process_index}.pkl")
         if position.sharded:  # torch unpickles its distributed checkpoints' metadata: check it first
-            check_metadata(path, SHARDED_FOLDERS)
-        accelerator.load_state(str(path), **({"load_module_strict": False} if position.deepspeed else {}))  # a LoRA's alone
-        if position.sharded:
-            view.load_optimizer(path)
+            check_metadata(path, (TRAINED_FOLDER,))
+            view.load_trained(path)
+            load_accelerator_state(str(path), [], [], view.schedules, [], accelerator.process_index, accelerator.scaler)
+        else:
+            accelerator.load_state(str(path), **({"load_module_strict": False} if position.deepspeed else {}))  # a LoRA's alone
         if ema is not None:
             ema.load_state_dict(torch.load(_ema_file(path, position.sharded, accelerator.process_index), weights_only=True))
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:

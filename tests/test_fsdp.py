@@ -12,6 +12,7 @@ from the gathered weights.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from accelerate.utils import DistributedType
 from conftest import ACCELERATE, ROOT, free_port
@@ -126,17 +128,27 @@ def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_
     assert "got no gradient" not in run.stderr
     # The validation loss, which every process computes through the sharded UNet, as unsharded.
     assert f"validation loss {sum(validation.values()) / len(validation):.4f} at step 20" in run.stdout
-    # A LoRA under FSDP is said to be better served by DDP: its checkpoints hold the whole UNet.
-    assert "sdtune: note: a LoRA under FSDP" in run.stderr
     # Previews, raw and EMA rows, drawn from the gathered weights as the unsharded run drew them.
     assert_previews_match(tmp_path, stem, (10, 20))
 
-    # The checkpoint is the engine's: each process's slice of the weights and optimizer state
-    # (torch's distributed checkpoint), its RNG and its EMA slice; no gathered copy.
+    # The checkpoint: each process's slice of the LoRA's weights and optimizer state (torch's
+    # distributed checkpoint; not the frozen UNet's, which accelerate's FSDP save would write),
+    # its RNG and its EMA slice; no gathered copy.
     checkpoint = tmp_path / "two" / "checkpoints" / stem / "step-00000010"
     names = {p.name for p in checkpoint.iterdir()}
-    assert {"pytorch_model_fsdp_0", "optimizer_0", "ema_0.pt", "ema_1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= names
-    assert "trainable.safetensors" not in names and "ema.pt" not in names
+    assert {"fsdp_trained", "scheduler.bin", "ema_0.pt", "ema_1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= names
+    assert not names & {"trainable.safetensors", "ema.pt", "pytorch_model_fsdp_0", "optimizer_0"}
+    saved = dcp.FileSystemReader(str(checkpoint / "fsdp_trained")).read_metadata().state_dict_metadata  # our own file
+    weights = [k for k in saved if k.startswith("model.")]
+    assert all(".lora_A." in k or ".lora_B." in k for k in weights)
+    lora = [t for k, t in two.items() if ".lora_up." in k or ".lora_down." in k]
+    assert len(weights) == len(lora)
+    lora_size = sum(t.numel() for t in lora)
+    sizes = [(k, math.prod(v.size)) for k, v in saved.items() if hasattr(v, "size") and not k.endswith(".step")]
+    assert sum(n for _, n in sizes) == 3 * lora_size, sizes[:3]  # weights, AdamW's two moments
+    unet_size = sum(t.numel() for t in load_file(tiny_v / "unet" / "diffusion_pytorch_model.safetensors").values())
+    written = sum(f.stat().st_size for f in (checkpoint / "fsdp_trained").iterdir())
+    assert written < 4 * (3 * lora_size + unet_size / 2), (written, lora_size, unet_size)  # fp32, with each file's framing
     assert json.loads((checkpoint / "position.json").read_text())["sharded"] is True
 
     # Resumed from step 10 (a copy of the run folder without its results), it ends where the
@@ -152,7 +164,7 @@ def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_
     # torch reads the metadata of its distributed checkpoints with pickle.load; sdtune checks it
     # first, so a metadata file that would run code is refused without running it.
     marker = tmp_path / "ran"
-    (copied / "optimizer_0" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    (copied / "fsdp_trained" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     run = _fsdp([*args, "--resume", str(copied)], tmp_path, fails=True)
     assert "cannot be read (UnpicklingError: pathlib.Path.touch is not part of" in run.stderr and not marker.exists()
 

@@ -4,6 +4,7 @@ paragraph with a documented exit status."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -105,6 +106,18 @@ def test_a_killed_writer_never_leaves_a_torn_file_and_a_later_start_cleans_up(tm
         removed_total += len(atomic.remove_stale_temps(tmp_path))  # what the next start does
         assert not [p for p in tmp_path.rglob("*") if atomic.TMP_NAME.match(p.name)]
     assert removed_total > 0  # some kills did land mid-write
+
+
+@pytest.mark.parametrize(("sharded", "old"), [(False, "states.pt"), (True, "pytorch_model_fsdp_0")])
+def test_a_checkpoint_of_an_older_sdtune_is_refused_with_what_to_do(sharded, old, tmp_path):
+    # sdtune's single-process file before accelerate wrote the engine state, and accelerate's
+    # FSDP folder, which held every weight's slice, before sdtune wrote the trained ones alone.
+    position = training_state.Position(step=4, epoch=0, batch_in_epoch=4, micro_steps=4, sharded=sharded)
+    (tmp_path / "position.json").write_text(json.dumps(dataclasses.asdict(position)))
+    (tmp_path / "recipe.json").write_text("{}")
+    (tmp_path / old).mkdir()
+    with pytest.raises(UserError, match=f"written by an older sdtune \\(it has {old}\\); finish that run with"):
+        training_state.load_checkpoint(tmp_path)
 
 
 def test_replacing_a_folder_swaps_it_in_one_step(tmp_path, monkeypatch):
