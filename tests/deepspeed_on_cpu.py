@@ -37,6 +37,12 @@ def _init_with_deepspeed_on_cpu(self, cpu: bool = False, **kwargs):
 
 state.PartialState.__init__ = _init_with_deepspeed_on_cpu
 
+# DeepSpeed's ZeRO-1/2 allocates its gradient bucket (reduce_bucket_size, 5e8 elements by
+# default) anew at every micro step, and under train.deterministic torch fills new memory
+# with NaN: 2 GB written per step, 1 s on this CPU (a GPU does it in about a millisecond).
+# The fill only marks memory nothing has written yet; no value the run reads comes from it.
+torch.utils.deterministic.fill_uninitialized_memory = False
+
 if __name__ == "__main__":
     from sdtune.errors import run_command
     from sdtune.train import main
