@@ -250,7 +250,7 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
     changed one; ``view``: a ``sharded.ModelView`` of the trained models). Returns where
     the run is and its history so far."""
     from sdtune.sharded import TRAINED_FOLDER, check_metadata, is_sharded
-    from sdtune.zero import is_deepspeed
+    from sdtune.zero import is_deepspeed, replay_cpu_adam_steps
 
     position, trainable, saved_recipe, history = load_checkpoint(path)
     then = "FSDP" if position.sharded else "DeepSpeed" if position.deepspeed else None
@@ -286,6 +286,8 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
             load_accelerator_state(str(path), [], [], view.schedules, [], accelerator.process_index, accelerator.scaler)
         else:
             accelerator.load_state(str(path), **({"load_module_strict": False} if position.deepspeed else {}))  # a LoRA's alone
+        if position.deepspeed:
+            replay_cpu_adam_steps(accelerator)
         if ema is not None:
             ema.load_state_dict(torch.load(_ema_file(path, position.sharded, accelerator.process_index), weights_only=True))
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:

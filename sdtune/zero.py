@@ -164,6 +164,25 @@ def load_safely(engine) -> None:
     engine.checkpoint_engine.load = load
 
 
+def replay_cpu_adam_steps(accelerator) -> None:
+    """After a resume (every process): bring DeepSpeed's CPU Adam (optimizer offload) to where an
+    uninterrupted run's is. Its kernel keeps beta1^t and beta2^t as float products, one factor
+    more each step; a resumed one starts them at ``pow(beta, step)``, which can differ in the
+    last bit (in float32 for beta2 0.999 at steps 3 and 6), and the run would leave the
+    trajectory by ~1e-10. Steps 1..N replayed on empty tensors build the products as the run
+    did, and change no weight (the next real step sets the learning rate and the rest again)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    optimizer = accelerator.deepspeed_engine_wrapped.engine.optimizer.optimizer
+    steps = {int(state["step"]) for state in optimizer.state.values() if "step" in state}
+    if not isinstance(optimizer, DeepSpeedCPUAdam) or not steps:
+        return
+    group, empty = optimizer.param_groups[0], torch.empty(0)
+    for step in range(1, max(steps) + 1):  # one C++ optimizer for all groups; each step advances it once
+        optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], *group["betas"], group["eps"],
+                                          group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)
+
+
 def gather(models: dict[str, torch.nn.Module], is_main: bool) -> dict[str, dict[str, torch.Tensor]] | None:
     """Every process (ZeRO-3): the models' full state dicts on the CPU of the main process (None on
     the others), gathering one weight at a time so that no process holds a whole model."""
