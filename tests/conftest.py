@@ -15,6 +15,9 @@ from sdtune.tiny import make_tiny
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "datasets" / "sample"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
+# DeepSpeed's compiled CPU ops: where `bash launch.sh test` builds them, once per lock, so that a
+# direct pytest run finds them too (DeepSpeed would otherwise build them in its first test).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix).resolve() / "torch-extensions"))
 
 
 def free_port() -> int:
