@@ -15,6 +15,7 @@ the view is the unwrapped models themselves and nothing is gathered.
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
@@ -152,13 +154,16 @@ class ModelView:
         model, optimizer = self.prepared["unet"], self.optimizer
         reader = dcp.FileSystemReader(str(Path(checkpoint) / TRAINED_FOLDER))
         trained = get_model_state_dict(model, options=TRAINED_ONLY)
-        dcp.load({"model": trained}, storage_reader=reader)
-        # Loaded with every other weight's slice as it is, so that FSDP finds them all.
-        set_model_state_dict(model, get_model_state_dict(model) | trained)
-        with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
-            state = load_sharded_optimizer_state_dict(model_state_dict=model.state_dict(), optimizer_key="optimizer",
-                                                      storage_reader=reader)
-            optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
+        try:
+            dcp.load({"model": trained}, storage_reader=reader, planner=_TensorsOnlyPlanner())
+            # Loaded with every other weight's slice as it is, so that FSDP finds them all.
+            set_model_state_dict(model, get_model_state_dict(model) | trained)
+            with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+                state = load_sharded_optimizer_state_dict(model_state_dict=model.state_dict(), optimizer_key="optimizer",
+                                                          storage_reader=reader, planner=_TensorsOnlyPlanner())
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
+        except CheckpointException as exc:  # torch wraps the processes' failures in one (a BaseException): the first
+            raise next((e for e, _ in exc.failures.values() if isinstance(e, Exception)), RuntimeError(str(exc))) from None
 
     def whole(self) -> dict[str, torch.nn.Module] | None:
         """The models with all their current weights, on the main process (None on the
@@ -205,6 +210,18 @@ class ModelView:
             with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
                 gathered[name] = model.state_dict()  # collective
         return gathered if self.accelerator.is_main_process else None
+
+
+class _TensorsOnlyPlanner(dcp.DefaultLoadPlanner):
+    """torch's load planner, except that what a checkpoint holds besides tensors (the optimizer's
+    settings: numbers, names) is read with ``torch.load(weights_only=True)``: torch 2.13's
+    unpickles it with ``weights_only=False``, so a ``.distcp`` file could run code."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        checked = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), checked)  # plain values only, saved again for torch's reader
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
 
 
 # What torch's distributed checkpoint metadata (the ``.metadata`` file of each FSDP folder, a

@@ -11,6 +11,8 @@ from the gathered weights.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
 import os
@@ -29,6 +31,7 @@ from accelerate.utils import DistributedType
 from conftest import ACCELERATE, ROOT, free_port
 from PIL import Image
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from test_distributed import TOLERANCE, _lora, _max_difference, _recipe
 
 from sdtune.errors import UserError
@@ -161,9 +164,28 @@ def test_fsdp_lora_trains_like_one_process_writes_once_and_resumes_exactly(tiny_
     resumed = _lora(tmp_path / "resumed" / f"{stem}.safetensors")
     assert all(torch.equal(resumed[k], two[k]) for k in two)
 
+    # torch 2.13 reads what its distributed checkpoints hold besides tensors (the optimizer's
+    # settings) with torch.load(weights_only=False); sdtune's planner reads them as plain values,
+    # so an optimizer setting that would run code is refused without running it.
+    marker = tmp_path / "ran"
+    folder = copied / "fsdp_trained"
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()  # our own file
+    index = next(i for i in metadata.storage_data if i.fqn.startswith("optimizer.param_groups")
+                 and isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    planted, where = io.BytesIO(), metadata.storage_data[index]
+    torch.save(RunsCode(marker), planted)
+    offset = (folder / where.relative_path).stat().st_size
+    with open(folder / where.relative_path, "ab") as handle:
+        handle.write(planted.getvalue())
+    metadata.storage_data[index] = dataclasses.replace(where, offset=offset, length=len(planted.getvalue()))
+    original = (folder / ".metadata").read_bytes()
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    run = _fsdp([*args, "--resume", str(copied)], tmp_path, fails=True)
+    assert "cannot be read (UnpicklingError: Weights only load failed" in run.stderr and not marker.exists(), run.stderr[-2000:]
+    (folder / ".metadata").write_bytes(original)
+
     # torch reads the metadata of its distributed checkpoints with pickle.load; sdtune checks it
     # first, so a metadata file that would run code is refused without running it.
-    marker = tmp_path / "ran"
     (copied / "fsdp_trained" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     run = _fsdp([*args, "--resume", str(copied)], tmp_path, fails=True)
     assert "cannot be read (UnpicklingError: pathlib.Path.touch is not part of" in run.stderr and not marker.exists()
