@@ -102,7 +102,7 @@ class ModelView:
         for module in self.skeletons.values():  # previews run them as accelerate runs the prepared models
             zero.autocast_forward(module, accelerator.device, self.precision)
         self.prepared: dict[str, torch.nn.Module] = {}  # set by attach
-        self.schedules: list = []  # the prepared learning-rate schedule, set by attach
+        self.schedule = None  # the prepared learning-rate schedule, set by attach
         self.unwrapped: dict[str, torch.nn.Module] = {}
         self.optimizer = optimizer
         if self.sharded and accelerator.num_processes > 1:
@@ -120,7 +120,7 @@ class ModelView:
         """Record the prepared models (in the order of ``models``) and learning-rate schedule;
         returns the models unwrapped (the modules the run trains: under FSDP each holds its
         process's slice of the weights), and the parameters that train (under FSDP, their slices)."""
-        self.prepared, self.schedules = dict(zip(self.models, prepared, strict=True)), [schedule]
+        self.prepared, self.schedule = dict(zip(self.models, prepared, strict=True)), schedule
         self.unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.prepared.items()}
         if self.deepspeed:
             zero.load_safely(self.prepared["unet"])
@@ -147,20 +147,22 @@ class ModelView:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(Path(checkpoint) / TRAINED_FOLDER)))
 
     def load_trained(self, checkpoint: Path) -> None:
-        """Load what ``save_trained`` wrote (every process). The optimizer's state is read with
-        torch's loader for FSDP optimizer state, which takes its template from the checkpoint's
-        metadata: accelerate 1.16's takes it from the optimizer, which holds no state before the
-        first step, so nothing is loaded, without a word, and a resumed run restarts AdamW's moments."""
-        model, optimizer = self.prepared["unet"], self.optimizer
-        reader = dcp.FileSystemReader(str(Path(checkpoint) / TRAINED_FOLDER))
+        """Load what ``save_trained`` wrote (every process), its metadata checked first (torch
+        unpickles it). The optimizer's state is read with torch's loader for FSDP optimizer state,
+        which takes its template from the checkpoint's metadata: accelerate 1.16's takes it from the
+        optimizer, which holds no state before the first step, so nothing is loaded, without a word,
+        and a resumed run restarts AdamW's moments."""
+        model, optimizer, folder = self.prepared["unet"], self.optimizer, Path(checkpoint) / TRAINED_FOLDER
+        check_metadata(folder)
+        reader = dcp.FileSystemReader(str(folder))
         trained = get_model_state_dict(model, options=TRAINED_ONLY)
         try:
-            dcp.load({"model": trained}, storage_reader=reader, planner=_TensorsOnlyPlanner())
+            dcp.load({"model": trained}, storage_reader=reader, planner=_WeightsOnlyPlanner())
             # Loaded with every other weight's slice as it is, so that FSDP finds them all.
             set_model_state_dict(model, get_model_state_dict(model) | trained)
             with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
                 state = load_sharded_optimizer_state_dict(model_state_dict=model.state_dict(), optimizer_key="optimizer",
-                                                          storage_reader=reader, planner=_TensorsOnlyPlanner())
+                                                          storage_reader=reader, planner=_WeightsOnlyPlanner())
                 optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
         except CheckpointException as exc:  # torch wraps the processes' failures in one (a BaseException): the first
             raise next((e for e, _ in exc.failures.values() if isinstance(e, Exception)), RuntimeError(str(exc))) from None
@@ -212,7 +214,7 @@ class ModelView:
         return gathered if self.accelerator.is_main_process else None
 
 
-class _TensorsOnlyPlanner(dcp.DefaultLoadPlanner):
+class _WeightsOnlyPlanner(dcp.DefaultLoadPlanner):
     """torch's load planner, except that what a checkpoint holds besides tensors (the optimizer's
     settings: numbers, names) is read with ``torch.load(weights_only=True)``: torch 2.13's
     unpickles it with ``weights_only=False``, so a ``.distcp`` file could run code."""
@@ -242,12 +244,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def check_metadata(checkpoint: Path, folders: tuple[str, ...]) -> None:
-    """Read the ``.metadata`` of each FSDP folder of ``checkpoint`` as torch would, but allowing
-    only what such metadata is made of, before torch unpickles it (every process)."""
-    for folder in folders:
-        with open(Path(checkpoint) / folder / ".metadata", "rb") as handle:
-            _MetadataUnpickler(handle).load()
+def check_metadata(folder: Path) -> None:
+    """Read the ``.metadata`` of a distributed checkpoint ``folder`` as torch would, but allowing
+    only what such metadata is made of, before torch unpickles it."""
+    with open(Path(folder) / ".metadata", "rb") as handle:
+        _MetadataUnpickler(handle).load()
 
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> None:

@@ -209,7 +209,7 @@ def save_state(
     accelerator.wait_for_everyone()
     if view.sharded:  # the trained weights' and optimizer's slices, then accelerate's state of the rest
         view.save_trained(tmp)
-        save_accelerator_state(str(tmp), [], [], view.schedules, [], accelerator.process_index, accelerator.step,
+        save_accelerator_state(str(tmp), [], [], [view.schedule], [], accelerator.process_index, accelerator.step,
                                accelerator.scaler)
     else:  # accelerate would write the whole models; sdtune writes only what trains
         hook = accelerator.register_save_state_pre_hook(lambda _models, weights, _dir: weights.clear())
@@ -249,7 +249,7 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
     """Load a checkpoint into the run (``recipe``: the run's recipe as a dict, to refuse a
     changed one; ``view``: a ``sharded.ModelView`` of the trained models). Returns where
     the run is and its history so far."""
-    from sdtune.sharded import TRAINED_FOLDER, check_metadata, is_sharded
+    from sdtune.sharded import is_sharded
     from sdtune.zero import is_deepspeed, replay_cpu_adam_steps
 
     position, trainable, saved_recipe, history = load_checkpoint(path)
@@ -280,10 +280,9 @@ def resume_state(path: Path, recipe: dict, view, ema, accelerator) -> tuple[Posi
         # accelerate passes over an RNG file it cannot read with a log line; resuming would
         # then silently leave the trajectory, so read it first and stop instead.
         accelerate_load(Path(path) / f"random_states_{accelerator.process_index}.pkl")
-        if position.sharded:  # torch unpickles its distributed checkpoints' metadata: check it first
-            check_metadata(path, (TRAINED_FOLDER,))
+        if position.sharded:
             view.load_trained(path)
-            load_accelerator_state(str(path), [], [], view.schedules, [], accelerator.process_index, accelerator.scaler)
+            load_accelerator_state(str(path), [], [], [view.schedule], [], accelerator.process_index, accelerator.scaler)
         else:
             accelerator.load_state(str(path), **({"load_module_strict": False} if position.deepspeed else {}))  # a LoRA's alone
         if position.deepspeed:

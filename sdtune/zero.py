@@ -174,8 +174,10 @@ def replay_cpu_adam_steps(accelerator) -> None:
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     optimizer = accelerator.deepspeed_engine_wrapped.engine.optimizer.optimizer
+    if not isinstance(optimizer, DeepSpeedCPUAdam):
+        return
     steps = {int(state["step"]) for state in optimizer.state.values() if "step" in state}
-    if not isinstance(optimizer, DeepSpeedCPUAdam) or not steps:
+    if not steps:
         return
     group, empty = optimizer.param_groups[0], torch.empty(0)
     for step in range(1, max(steps) + 1):  # one C++ optimizer for all groups; each step advances it once
