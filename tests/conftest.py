@@ -36,17 +36,29 @@ def cpu_processes(count: int, *script: str) -> tuple[list[str], dict[str, str]]:
     return command, os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
-# The longest tests (20-90 s each on 2 cores), run first: the workers share out the short
-# ones as they finish, instead of one worker ending the session alone on a long test.
-LONGEST = ("test_distributed.py::test_two_processes", "test_recipes.py::test_shipped_recipe_runs", "test_demo.py::",
-           "test_train.py::test_sigterm", "test_sdxl_train.py::test_sdxl_lora_run", "test_reliability.py::test_a_killed",
-           "test_textual_inversion.py::test_two_processes", "test_data_pipeline.py::test_sdtune_cache_under_accelerate",
-           "test_tiny_base_draws.py::", "test_export_cli.py::test_sdxl_files", "test_benchmarks.py::test_training_benchmark",
-           "test_fsdp.py::test_fsdp_")
+# The longest tests (10-140 s each on 2 cores), longest first: run first (pytest_configure), so
+# that the workers share out the short ones as they finish, instead of one worker ending the
+# session alone on a long test.
+LONGEST = ("test_deepspeed.py::test_deepspeed_", "test_fsdp.py::test_fsdp_", "test_distributed.py::test_two_processes",
+           "test_reliability.py::test_a_killed", "test_demo.py::", "test_train.py::test_sigterm",
+           "test_sdxl_train.py::test_sdxl_lora_run", "test_textual_inversion.py::test_two_processes",
+           "test_data_pipeline.py::test_sdtune_cache_under_accelerate", "test_recipes.py::test_shipped_recipe_runs",
+           "test_tiny_base_draws.py::", "test_export_cli.py::test_sdxl_files", "test_benchmarks.py::test_training_benchmark")
+
+
+def pytest_configure(config):
+    # pytest-xdist hands each worker a first chunk of a quarter of its share of consecutive tests
+    # (53 here), which would give one worker every long test; one at a time, the longest go
+    # first to whichever worker is free.
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST))  # stable: the rest keep their order
+    def rank(item) -> int:
+        return next((i for i, name in enumerate(LONGEST) if name in item.nodeid), len(LONGEST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ sdtune's trainer unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,16 @@ state.PartialState.__init__ = _init_with_deepspeed_on_cpu
 # with NaN: 2 GB written per step, 1 s on this CPU (a GPU does it in about a millisecond).
 # The fill only marks memory nothing has written yet; no value the run reads comes from it.
 torch.utils.deterministic.fill_uninitialized_memory = False
+
+# DeepSpeed asks py-cpuinfo about the CPU when its CPU Adam is built and loaded (three times a
+# process), and py-cpuinfo probes the CPU in a child process each time: about 1.2 s a call
+# here, 7 s of CPU a two-process launch. tests/test_deepspeed.py asks once per test worker and
+# hands the answer to every process it launches on the same machine.
+if "SDTUNE_TEST_CPU_INFO" in os.environ:
+    import cpuinfo  # noqa: E402
+
+    _CPU_INFO = json.loads(os.environ["SDTUNE_TEST_CPU_INFO"])
+    cpuinfo.get_cpu_info = lambda: dict(_CPU_INFO)
 
 if __name__ == "__main__":
     from sdtune.errors import run_command

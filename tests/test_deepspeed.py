@@ -11,6 +11,7 @@ each process's partition of the optimizer state.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -48,6 +49,14 @@ ZERO3_OFFLOAD = {"zero_optimization": ZERO3["zero_optimization"] | {"offload_par
                                                                      "offload_optimizer": {"device": "cpu"}}}
 
 
+@functools.cache
+def _cpu_info() -> str:
+    """py-cpuinfo's answer for this machine, asked once (tests/deepspeed_on_cpu.py)."""
+    import cpuinfo
+
+    return cpuinfo.get_cpu_info_json()
+
+
 def _deepspeed(args: list[str], tmp_path, fails: bool = False, ds_config: dict | None = None, **settings) -> subprocess.CompletedProcess:
     """``sdtune/train.py ARGS`` on two CPU processes under recipes/accelerate/deepspeed_zero2.yaml,
     its deepspeed_config updated with ``settings``, or replaced by a DeepSpeed config file
@@ -63,7 +72,8 @@ def _deepspeed(args: list[str], tmp_path, fails: bool = False, ds_config: dict |
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     command = [str(ACCELERATE), "launch", "-q", "--config_file", str(path), "--main_process_port", str(free_port()),
                "--dynamo_backend", "no", str(ROOT / "tests" / "deepspeed_on_cpu.py"), *args]
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                                                                   "SDTUNE_TEST_CPU_INFO": _cpu_info()}
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert (run.returncode != 0) == fails, run.stderr[-4000:]
     assert "; 2 process(es) on cpu, DEEPSPEED" in run.stdout
